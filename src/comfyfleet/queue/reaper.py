@@ -1,0 +1,91 @@
+"""The reaper: the only thing that moves jobs on time. Expired leases go back to the queue until the
+attempt budget is spent (then ``failed`` with ``worker_lost``); jobs queued past their plan's deadline
+become ``expired``; retention removes old jobs. GET never does any of this."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from comfyfleet.jobs import idempotency
+from comfyfleet.jobs import repository as repo
+from comfyfleet.jobs.events import record_transition
+from comfyfleet.jobs.repository import JobRow
+from comfyfleet.jobs.schemas import job_error
+from comfyfleet.jobs.states import JobStatus
+from comfyfleet.queue.bus import NEW_WORK, job_topic
+from comfyfleet.runtime import Runtime
+from comfyfleet.timeutil import utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReapReport:
+    requeued: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    canceled: list[str] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)
+    retention_deleted: int = 0
+
+
+async def reap_once(runtime: Runtime, now: datetime | None = None) -> ReapReport:
+    now = now or utcnow()
+    report = ReapReport()
+    changed: list[JobRow] = []
+    async with runtime.engine.begin() as conn:
+        for job in await repo.expired_leases(conn, now=now):
+            row = await _recover(conn, job, now)
+            if row is None:
+                continue
+            changed.append(row)
+            {JobStatus.QUEUED: report.requeued, JobStatus.FAILED: report.failed,
+             JobStatus.CANCELED: report.canceled}[JobStatus(row.status)].append(row.id)
+        for job_id in await repo.past_queue_deadline(conn, now=now):
+            error = job_error("queue_deadline_exceeded", "The job waited longer than its plan's queue deadline")
+            row = await repo.finish(
+                conn, job_id, worker=None, target=JobStatus.EXPIRED, sources=[JobStatus.QUEUED], now=now, error=error
+            )
+            if row is not None:
+                changed.append(row)
+                report.expired.append(row.id)
+        for row in changed:
+            await record_transition(conn, row)
+        await idempotency.purge_expired(conn, now=now)
+    for row in changed:
+        await runtime.bus.publish(job_topic(row.id), {"kind": "status", "status": row.status})
+    if report.requeued:
+        await runtime.bus.publish(NEW_WORK, {})
+    retention = runtime.extras.get("retention")
+    if retention is not None:
+        report.retention_deleted = await retention(runtime, now)
+    return report
+
+
+async def _recover(conn: object, job: JobRow, now: datetime) -> JobRow | None:
+    kw = {"worker": None, "now": now, "lease_expired": True}
+    if job.status == JobStatus.CANCELING:
+        return await repo.finish(conn, job.id, target=JobStatus.CANCELED, sources=[JobStatus.CANCELING], **kw)  # type: ignore[arg-type]
+    if job.attempts < job.max_attempts:
+        return await repo.finish(conn, job.id, target=JobStatus.QUEUED, sources=[JobStatus.RUNNING], **kw)  # type: ignore[arg-type]
+    error = job_error("worker_lost", f"The worker running this job was lost {job.attempts} time(s)")
+    return await repo.finish(
+        conn, job.id, target=JobStatus.FAILED, sources=[JobStatus.RUNNING], error=error, **kw  # type: ignore[arg-type]
+    )
+
+
+async def run_reaper(runtime: Runtime, stop: asyncio.Event) -> None:
+    interval = runtime.settings.reaper_interval_s
+    while not stop.is_set():
+        try:
+            report = await reap_once(runtime)
+            if report.requeued or report.failed or report.expired or report.canceled:
+                log.info("reaper: %s", report)
+        except Exception:  # keep reaping; one bad pass must not stop the loop
+            log.exception("reaper pass failed")
+        try:
+            await asyncio.wait_for(stop.wait(), interval)
+        except TimeoutError:
+            pass

@@ -1,0 +1,154 @@
+"""A worker loop: claim a job, run it with a ``JobExecutor`` while renewing its lease and watching
+for cancel, finish it. The local dispatcher runs one loop per ComfyUI slot; a Modal container runs
+``run_claimed`` for the job it was spawned with."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from comfyfleet.jobs import repository as repo
+from comfyfleet.jobs.repository import JobRow
+from comfyfleet.jobs.states import JobStatus
+from comfyfleet.queue.bus import NEW_WORK, job_topic
+from comfyfleet.queue.claim import claim_next, finish
+from comfyfleet.queue.executor import JobContext, JobExecutor, Outcome, Retry
+from comfyfleet.runtime import Runtime
+from comfyfleet.timeutil import utcnow
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_S = 1.0  # backstop when a wake-up notification is lost
+
+
+class WorkerLoop:
+    def __init__(self, runtime: Runtime, executor: JobExecutor, *, name: str) -> None:
+        self.runtime = runtime
+        self.executor = executor
+        self.name = name
+        self.current: JobRow | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with self.runtime.bus.subscribe(NEW_WORK) as wakeups:
+            while not stop.is_set():
+                try:
+                    job = await claim_next(self.runtime, self.name)
+                except Exception:
+                    log.exception("%s: claim failed", self.name)
+                    job = None
+                    await asyncio.sleep(IDLE_POLL_S)
+                if job is None:
+                    await _first(stop.wait(), wakeups.get(IDLE_POLL_S))
+                    continue
+                await run_claimed(self.runtime, self.executor, job, self.name)
+
+    @property
+    def busy(self) -> bool:
+        return self.current is not None
+
+
+async def run_claimed(runtime: Runtime, executor: JobExecutor, job: JobRow, worker: str) -> JobRow | None:
+    """Run a job this worker holds, to exactly one final transition (or none if the lease was lost)."""
+    async with runtime.engine.connect() as conn:
+        full = await repo.get_job_for_worker(conn, job.id)
+    if full is None:
+        return None
+    ctx = JobContext(job=full, worker=worker)
+    ctx.report_progress = _progress_writer(runtime, ctx)
+    ctx.publish = _publisher(runtime, job.id)
+    async with runtime.bus.subscribe(job_topic(job.id)) as events:
+        watcher = asyncio.create_task(_watch(runtime, ctx, events))
+        try:
+            outcome: Outcome = await executor.execute(ctx)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # an executor bug must not leave the job running until its lease ends
+            log.exception("%s: executor raised on job %s", worker, job.id)
+            outcome = Retry(f"worker error: {type(exc).__name__}")
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+    if ctx.lease_lost.is_set():
+        return None
+    return await finish(runtime, full, worker, outcome)
+
+
+async def _watch(runtime: Runtime, ctx: JobContext, events: Any) -> None:
+    """Renew the lease and notice cancel: pushed through the bus, or seen at the next lease renewal or
+    status poll, whichever comes first."""
+    settings = runtime.settings
+    next_heartbeat = time.monotonic() + settings.heartbeat_s
+    next_poll = time.monotonic() + settings.cancel_poll_s
+    while True:
+        now = time.monotonic()
+        wait = max(0.0, min(next_heartbeat, next_poll) - now)
+        message = await events.get(wait)
+        if message is not None and message.get("status") == JobStatus.CANCELING:
+            ctx.cancel_requested.set()
+        now = time.monotonic()
+        if now >= next_poll:
+            next_poll = now + settings.cancel_poll_s
+            async with runtime.engine.connect() as conn:
+                status = await repo.read_status(conn, ctx.job.id)
+            if status == JobStatus.CANCELING:
+                ctx.cancel_requested.set()
+        if now >= next_heartbeat:
+            next_heartbeat = now + settings.heartbeat_s
+            try:
+                async with runtime.engine.begin() as conn:
+                    status = await repo.renew_lease(
+                        conn, ctx.job.id, worker=ctx.worker, lease_s=settings.lease_s, now=utcnow()
+                    )
+            except Exception:  # a missed heartbeat is retried; the lease has slack
+                log.exception("heartbeat failed for job %s", ctx.job.id)
+                continue
+            if status is None:
+                log.warning("lost the lease on job %s", ctx.job.id)
+                ctx.lease_lost.set()
+                ctx.cancel_requested.set()
+                return
+            if status == JobStatus.CANCELING:
+                ctx.cancel_requested.set()
+
+
+def _progress_writer(runtime: Runtime, ctx: JobContext) -> Any:
+    """Progress goes to the database and the bus at most every ``progress_interval_s``; the last
+    snapshot of a burst is kept and written at the next slot."""
+    interval = runtime.settings.progress_interval_s
+    last_write = 0.0
+
+    async def write(progress: dict[str, Any]) -> None:
+        nonlocal last_write
+        now = time.monotonic()
+        final = progress.get("value") == 1.0
+        if now - last_write < interval and not final:
+            return
+        last_write = now
+        async with runtime.engine.begin() as conn:
+            await repo.set_progress(conn, ctx.job.id, worker=ctx.worker, progress=progress)
+        await runtime.bus.publish(job_topic(ctx.job.id), {"kind": "progress", "progress": progress})
+
+    return write
+
+
+def _publisher(runtime: Runtime, job_id: str) -> Any:
+    async def publish(kind: str, payload: dict[str, Any]) -> None:
+        await runtime.bus.publish(job_topic(job_id), {"kind": kind, **payload})
+
+    return publish
+
+
+async def _first(*awaitables: Any) -> None:
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

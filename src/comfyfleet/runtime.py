@@ -1,0 +1,38 @@
+"""What a running service shares: settings, the database engine, the event bus, storage, the rate
+limiter. Built once per process by ``Runtime.create`` and closed on shutdown."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from comfyfleet.config import Settings
+from comfyfleet.db.engine import create_engine
+from comfyfleet.queue.bus import EventBus, create_bus
+from comfyfleet.storage.base import Storage
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: AsyncEngine
+    bus: EventBus
+    storage: Storage
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    async def create(cls, settings: Settings, *, storage: Storage | None = None) -> Runtime:
+        engine = create_engine(settings.resolved_database_url)
+        bus = create_bus(settings.resolved_database_url)
+        await bus.start()
+        if storage is None:
+            from comfyfleet.storage.configured import storage_from_settings
+
+            storage = storage_from_settings(settings)
+        return cls(settings=settings, engine=engine, bus=bus, storage=storage)
+
+    async def close(self) -> None:
+        await self.bus.close()
+        await self.engine.dispose()

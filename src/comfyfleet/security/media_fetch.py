@@ -1,0 +1,303 @@
+"""Downloading a tenant's media URL to disk through the guarded client, with size, time and type caps.
+
+The size cap counts bytes *after* content decoding, and decoding is done here with zlib's
+``max_length`` so a gzip bomb is stopped after at most one piece of output past the cap; httpx's
+own decoder would inflate each network chunk in full first. The content type is taken from the
+bytes (magic numbers), and a declared type the bytes contradict is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import zlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import httpx
+
+from comfyfleet.security.ssrf import UrlFetchFailed
+
+__all__ = ["FetchedMedia", "canonical_content_type", "fetch_to_file", "sniff_content_type"]
+
+_PIECE = 64 * 1024  # largest block of decoded bytes held in memory at once
+_SNIFF_BYTES = 512  # enough for every signature below, including a WebM EBML header
+
+_GENERIC_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream", "application/unknown"})
+
+_ALIASES = {
+    "image/jpg": "image/jpeg",
+    "image/pjpeg": "image/jpeg",
+    "image/x-png": "image/png",
+    "audio/x-wav": "audio/wav",
+    "audio/wave": "audio/wav",
+    "audio/vnd.wave": "audio/wav",
+    "audio/x-flac": "audio/flac",
+    "audio/mp3": "audio/mpeg",
+    "audio/x-mp3": "audio/mpeg",
+    "audio/mpeg3": "audio/mpeg",
+    "audio/x-m4a": "audio/mp4",
+    "video/x-m4v": "video/mp4",
+    "application/ogg": "audio/ogg",
+    "audio/opus": "audio/ogg",
+}
+
+# Container formats whose sub-type the first bytes cannot always tell apart (an .m4a and an .mp4
+# share the ISO-BMFF header, brands are advisory): a declaration inside the family is consistent.
+_FAMILIES = (
+    frozenset({"video/mp4", "video/quicktime", "audio/mp4", "image/avif", "image/heic"}),
+    frozenset({"video/webm", "audio/webm", "video/x-matroska"}),
+    frozenset({"audio/ogg", "video/ogg"}),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedMedia:
+    final_url: str
+    content_type: str  # sniffed from the bytes, canonical
+    size: int  # decoded bytes written to ``path``
+    path: Path
+
+
+def canonical_content_type(value: str) -> str:
+    """``"Image/JPG; charset=x"`` -> ``"image/jpeg"``."""
+    media_type = value.split(";", 1)[0].strip().lower()
+    return _ALIASES.get(media_type, media_type)
+
+
+def _iso_bmff_type(head: bytes) -> str:
+    brand = head[8:12]
+    if brand == b"qt  ":
+        return "video/quicktime"
+    if brand in (b"M4A ", b"M4B "):
+        return "audio/mp4"
+    if brand in (b"avif", b"avis"):
+        return "image/avif"
+    if brand in (b"heic", b"heix", b"mif1", b"msf1"):
+        return "image/heic"
+    return "video/mp4"
+
+
+def _is_mp3_frame(head: bytes) -> bool:
+    # MPEG audio frame sync (11 set bits), MPEG version not "reserved", layer not "reserved".
+    return len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0 and (head[1] >> 1) & 0b11 != 0
+
+
+def sniff_content_type(head: bytes) -> str | None:
+    """The media type the first bytes of a file announce, or ``None`` when unrecognised."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "image/webp"
+    if head.startswith((b"RIFF", b"RF64")) and head[8:12] == b"WAVE":
+        return "audio/wav"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "image/tiff"
+    if head[4:8] == b"ftyp":
+        return _iso_bmff_type(head)
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "video/webm" if b"webm" in head[:64] else "video/x-matroska"
+    if head.startswith(b"fLaC"):
+        return "audio/flac"
+    if head.startswith(b"OggS"):
+        return "video/ogg" if b"theora" in head[:64] else "audio/ogg"
+    if head.startswith(b"ID3") or _is_mp3_frame(head):
+        return "audio/mpeg"
+    return None
+
+
+def _same_family(declared: str, sniffed: str) -> bool:
+    return declared == sniffed or any(declared in f and sniffed in f for f in _FAMILIES)
+
+
+class _BoundedDecoder:
+    """Content-Encoding decoding that never produces more than ``_PIECE`` bytes per step."""
+
+    def __init__(self, encoding: str) -> None:
+        encoding = encoding.strip().lower()
+        if encoding in ("", "identity"):
+            self._wbits: int | None = None
+        elif encoding in ("gzip", "x-gzip"):
+            self._wbits = 16 + zlib.MAX_WBITS
+        elif encoding == "deflate":
+            self._wbits = zlib.MAX_WBITS  # zlib-wrapped; raw deflate is detected on the first error
+        else:
+            # We only advertise gzip and deflate; anything else cannot be decoded with a bound.
+            raise UrlFetchFailed(f"unsupported Content-Encoding {encoding!r}")
+        self._zlib = zlib.decompressobj(self._wbits) if self._wbits is not None else None
+        self._started = False
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        if self._zlib is None:
+            for start in range(0, len(data), _PIECE):
+                yield data[start : start + _PIECE]
+            return
+        try:
+            yield from self._inflate(data)
+        except zlib.error as exc:
+            if self._started or self._wbits != zlib.MAX_WBITS:
+                raise UrlFetchFailed("the compressed body is corrupt") from exc
+            # Some servers send raw deflate under "deflate" (the RFC says zlib-wrapped).
+            self._wbits = -zlib.MAX_WBITS
+            self._zlib = zlib.decompressobj(self._wbits)
+            yield from self._inflate(data)
+
+    def _inflate(self, data: bytes) -> Iterator[bytes]:
+        assert self._zlib is not None and self._wbits is not None
+        pending = data
+        while True:
+            out = self._zlib.decompress(pending, _PIECE)
+            if out:
+                self._started = True
+                yield out
+            pending = self._zlib.unconsumed_tail
+            if self._zlib.eof and self._zlib.unused_data:
+                # Concatenated gzip members (allowed by RFC 1952): start the next one.
+                pending = self._zlib.unused_data
+                self._zlib = zlib.decompressobj(self._wbits)
+                continue
+            # A full piece may leave output buffered inside zlib even when no input is left.
+            if not pending and len(out) < _PIECE:
+                return
+
+    def flush(self) -> bytes:
+        # After the input is exhausted, what zlib still holds is at most one window (32 KiB).
+        return self._zlib.flush() if self._zlib is not None else b""
+
+
+async def _decoded_body(response: httpx.Response, max_bytes: int) -> AsyncIterator[bytes]:
+    """The decoded body in pieces, aborting as soon as it passes ``max_bytes``."""
+    declared_length = _content_length(response)
+    decoder = _BoundedDecoder(response.headers.get("content-encoding", ""))
+    # Encoded bytes are capped too: a stream of empty deflate blocks decodes to nothing forever.
+    raw_cap = max_bytes + max_bytes // 64 + 1024
+    raw_total = decoded_total = 0
+    async for chunk in response.aiter_raw():
+        raw_total += len(chunk)
+        if declared_length is not None and raw_total > declared_length:
+            raise UrlFetchFailed("the body is longer than its Content-Length")
+        if raw_total > raw_cap:
+            raise UrlFetchFailed(f"the body exceeds {max_bytes} bytes")
+        for piece in decoder.feed(chunk):
+            decoded_total += len(piece)
+            if decoded_total > max_bytes:
+                raise UrlFetchFailed(f"the body exceeds {max_bytes} bytes")
+            yield piece
+    tail = decoder.flush()
+    if decoded_total + len(tail) > max_bytes:
+        raise UrlFetchFailed(f"the body exceeds {max_bytes} bytes")
+    if tail:
+        yield tail
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    value = response.headers.get("content-length")
+    if value is None:
+        return None
+    try:
+        length = int(value)
+    except ValueError as exc:
+        raise UrlFetchFailed("malformed Content-Length") from exc
+    if length < 0:
+        raise UrlFetchFailed("malformed Content-Length")
+    return length
+
+
+def _check_head(head: bytes, declared: str, allowed: frozenset[str]) -> str:
+    sniffed = sniff_content_type(head)
+    if sniffed is None:
+        raise UrlFetchFailed("the content is not a recognised media format")
+    if sniffed not in allowed:
+        raise UrlFetchFailed(f"content type {sniffed} is not allowed")
+    if declared not in _GENERIC_TYPES and not _same_family(declared, sniffed):
+        raise UrlFetchFailed(f"declared content type {declared} but the bytes are {sniffed}")
+    return sniffed
+
+
+def _check_headers(response: httpx.Response, max_bytes: int, allowed: frozenset[str]) -> str:
+    """Everything refusable before the first body byte. Returns the declared (canonical) type."""
+    if not 200 <= response.status_code < 300:
+        raise UrlFetchFailed(f"HTTP {response.status_code}")
+    length = _content_length(response)
+    if length is not None and length > max_bytes:
+        raise UrlFetchFailed(f"Content-Length {length} exceeds {max_bytes} bytes")
+    declared = canonical_content_type(response.headers.get("content-type", ""))
+    if declared not in _GENERIC_TYPES and declared not in allowed:
+        raise UrlFetchFailed(f"content type {declared} is not allowed")
+    return declared
+
+
+async def _write_body(
+    response: httpx.Response, part: Path, max_bytes: int, declared: str, allowed: frozenset[str]
+) -> tuple[str, int]:
+    head = b""
+    sniffed: str | None = None
+    size = 0
+    async with await anyio.open_file(part, "wb") as file:
+        async for piece in _decoded_body(response, max_bytes):
+            size += len(piece)
+            if sniffed is None:
+                head += piece
+                if len(head) < _SNIFF_BYTES:
+                    continue
+                sniffed = _check_head(head, declared, allowed)
+                piece = head
+            await file.write(piece)
+        if sniffed is None:  # the whole body was shorter than the sniffing window
+            sniffed = _check_head(head, declared, allowed)
+            await file.write(head)
+    return sniffed, size
+
+
+async def fetch_to_file(
+    client: httpx.AsyncClient,
+    url: str,
+    dest: Path,
+    *,
+    max_bytes: int,
+    allowed_content_types: frozenset[str],
+    total_timeout: float,
+) -> FetchedMedia:
+    """GET ``url`` with a guarded media client and store the body at ``dest``.
+
+    Nothing is left at ``dest`` (or beside it) unless every check passed. Raises ``UrlNotAllowed``
+    for policy refusals, ``UrlFetchFailed`` for everything else.
+    """
+    allowed = frozenset(canonical_content_type(t) for t in allowed_content_types)
+    if not allowed:
+        raise ValueError("allowed_content_types must not be empty")
+    part = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.part")
+    request = client.build_request(
+        "GET", url, headers={"Accept": ", ".join(sorted(allowed)), "Accept-Encoding": "gzip, deflate"}
+    )
+    deadline = asyncio.timeout(total_timeout)
+    try:
+        async with deadline:
+            response = await client.send(request, stream=True, follow_redirects=True)
+            try:
+                declared = _check_headers(response, max_bytes, allowed)
+                sniffed, size = await _write_body(response, part, max_bytes, declared, allowed)
+            finally:
+                await response.aclose()
+    except TimeoutError as exc:
+        part.unlink(missing_ok=True)
+        if deadline.expired():
+            raise UrlFetchFailed(f"no complete download within {total_timeout} s") from exc
+        raise
+    except httpx.TimeoutException as exc:
+        part.unlink(missing_ok=True)
+        raise UrlFetchFailed(f"timed out ({type(exc).__name__})") from exc
+    except httpx.HTTPError as exc:
+        part.unlink(missing_ok=True)
+        raise UrlFetchFailed(f"download failed ({type(exc).__name__})") from exc
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    part.replace(dest)
+    return FetchedMedia(final_url=str(response.url), content_type=sniffed, size=size, path=dest)
