@@ -3,8 +3,9 @@ services that are missing skip with a reason, or fail under CI=true."""
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +37,17 @@ def postgres_available() -> bool:
     return reachable(PG_HOST, PG_PORT)
 
 
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def pg_session_db(postgres_available: bool) -> AsyncIterator[str | None]:
+@pytest.fixture(scope="session")
+def pg_session_db(postgres_available: bool) -> Iterator[str | None]:
+    """One PostgreSQL database for the session, migrated once; dropped at the end."""
     if not postgres_available:
         yield None
         return
-    name, url = await test_db.create_pg_database()
+    name, url = asyncio.run(test_db.create_pg_database())
     try:
         yield url
     finally:
-        await test_db.drop_pg_database(name)
+        asyncio.run(test_db.drop_pg_database(name))
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -54,11 +56,11 @@ def db_backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest_asyncio.fixture
-async def db_url(db_backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+async def db_url(db_backend: str, tmp_path: Path, pg_session_db: str | None) -> str:
     if db_backend == "sqlite":
         return await test_db.sqlite_database(tmp_path)
-    require("PostgreSQL at 127.0.0.1:5432", request.getfixturevalue("postgres_available"))
-    url: str | None = request.getfixturevalue("pg_session_db")
+    require("PostgreSQL at 127.0.0.1:5432", pg_session_db is not None)
+    url = pg_session_db
     assert url is not None
     await test_db.truncate_all(url)
     return url
@@ -93,7 +95,21 @@ def settings(db_url: str, tmp_path: Path) -> Settings:
 
 @pytest_asyncio.fixture
 async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
-    rt = await Runtime.create(settings)
+    try:
+        import comfyfleet.storage.local  # noqa: F401
+        storage = None
+    except ImportError:  # TEMP until the storage layer lands
+        from datetime import timedelta
+
+        from comfyfleet.storage.base import SignedUrl
+        from comfyfleet.timeutil import utcnow
+
+        class _Tmp:
+            async def download_url(self, key: str, **kw: Any) -> SignedUrl:
+                return SignedUrl(url="http://testserver/x", expires_at=utcnow() + timedelta(seconds=60))
+
+        storage = _Tmp()  # type: ignore[assignment]
+    rt = await Runtime.create(settings, storage=storage)  # type: ignore[arg-type]
     try:
         yield rt
     finally:

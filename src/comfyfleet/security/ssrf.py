@@ -334,7 +334,7 @@ _METADATA_NAMES = frozenset(
     }
 )
 # Special-use suffixes that never name a public host (RFC 6761, RFC 8375, ICANN's .internal).
-_PRIVATE_SUFFIXES = ("localhost", "local", "internal", "home.arpa", "localdomain")
+_PRIVATE_SUFFIXES = frozenset({"localhost", "local", "internal", "home.arpa", "localdomain"})
 
 
 def _matches(host: str, domains: frozenset[str]) -> bool:
@@ -346,11 +346,11 @@ def _name_refusal(name: str, policy: UrlPolicy) -> str | None:
         return None
     if name in _METADATA_NAMES:
         return f"{name} is a cloud metadata host"
+    if _matches(name, _PRIVATE_SUFFIXES):
+        return f"{name} is a special-use (non-public) name"
     if "." not in name:
         # Single labels resolve through search domains to whatever is internal to this network.
         return f"{name} is a single-label (internal) host name"
-    if _matches(name, frozenset(_PRIVATE_SUFFIXES)):
-        return f"{name} is a special-use (non-public) name"
     return None
 
 

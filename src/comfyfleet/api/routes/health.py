@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import ORJSONResponse
+from comfyfleet.api.responses import Json
 from sqlalchemy import text
 
 from comfyfleet import __version__
@@ -15,12 +15,12 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/api/v2/health")
-async def health() -> ORJSONResponse:
-    return ORJSONResponse({"status": "ok", "version": __version__})
+async def health() -> Json:
+    return Json({"status": "ok", "version": __version__})
 
 
 @router.get("/readyz")
-async def readyz(request: Request) -> ORJSONResponse:
+async def readyz(request: Request) -> Json:
     runtime = get_runtime(request)
     checks: dict[str, Any] = {}
     ready = True
@@ -34,4 +34,4 @@ async def readyz(request: Request) -> ORJSONResponse:
     supervisor = runtime.extras.get("supervisor")
     if supervisor is not None:
         checks["comfyui"] = supervisor.describe()
-    return ORJSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+    return Json({"ready": ready, "checks": checks}, status_code=200 if ready else 503)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import ORJSONResponse
+from comfyfleet.api.responses import Json
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from comfyfleet.api.auth import Authenticator, Principal
@@ -50,7 +50,7 @@ async def submit_job(
     principal: JobsWriter,
     uow: Uow,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
-) -> ORJSONResponse:
+) -> Json:
     runtime = get_runtime(request)
     await request.app.state.limiter.check(
         request, kind="submit", rate=principal.plan.submit_rate, identity=principal.key_id
@@ -88,14 +88,14 @@ async def submit_job(
 
     uow.after_commit(lambda: runtime.bus.publish(NEW_WORK, {"job_id": job.id}))
     uow.after_commit(lambda: runtime.bus.publish(job_topic(job.id), {"kind": "status", "status": job.status}))
-    return ORJSONResponse(await render_job(conn, runtime, job, base_url(request)), status_code=201)
+    return Json(await render_job(conn, runtime, job, base_url(request)), status_code=201)
 
 
 async def _replay(
     conn: AsyncConnection, runtime: Runtime, principal: Principal, job_id: str, request: Request
-) -> ORJSONResponse:
+) -> Json:
     job = await service.get_job(conn, principal.tenant_id, job_id)
-    return ORJSONResponse(
+    return Json(
         await render_job(conn, runtime, job, base_url(request)),
         status_code=201,
         headers={"Idempotency-Replayed": "true"},
@@ -110,7 +110,7 @@ async def list_jobs(
     status: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
     cursor: str | None = None,
-) -> ORJSONResponse:
+) -> Json:
     runtime = get_runtime(request)
     await request.app.state.limiter.check(
         request, kind="read", rate=principal.plan.read_rate, identity=principal.key_id
@@ -131,7 +131,7 @@ async def list_jobs(
     )
     page, more = rows[:limit], len(rows) > limit
     base = base_url(request)
-    return ORJSONResponse(
+    return Json(
         {
             "jobs": [await render_job(conn, runtime, job, base) for job in page],
             "truncated": more,
@@ -141,21 +141,21 @@ async def list_jobs(
 
 
 @router.get("/{job_id}")
-async def get_job(job_id: str, request: Request, principal: JobsReader, conn: ReadConn) -> ORJSONResponse:
+async def get_job(job_id: str, request: Request, principal: JobsReader, conn: ReadConn) -> Json:
     runtime = get_runtime(request)
     await request.app.state.limiter.check(
         request, kind="read", rate=principal.plan.read_rate, identity=principal.key_id
     )
     job = await service.get_job(conn, principal.tenant_id, job_id)
-    return ORJSONResponse(await render_job(conn, runtime, job, base_url(request)))
+    return Json(await render_job(conn, runtime, job, base_url(request)))
 
 
 @router.post("/{job_id}/cancel")
-async def cancel_job(job_id: str, request: Request, principal: JobsWriter, uow: Uow) -> ORJSONResponse:
+async def cancel_job(job_id: str, request: Request, principal: JobsWriter, uow: Uow) -> Json:
     runtime = get_runtime(request)
     job, changed = await service.cancel_job(uow.conn, principal.tenant_id, job_id)
     if changed:
         await record_transition(uow.conn, job)
         message = {"kind": "status", "status": job.status}
         uow.after_commit(lambda: runtime.bus.publish(job_topic(job.id), message))
-    return ORJSONResponse(await render_job(uow.conn, runtime, job, base_url(request)))
+    return Json(await render_job(uow.conn, runtime, job, base_url(request)))

@@ -237,7 +237,8 @@ def _link_problem(
     if index >= len(outputs):
         return (
             "linked_output_missing",
-            f"links to output {index} of node {source_id} ({source_class}), which has {len(outputs)} output(s)",
+            f"links to output {index} of node {source_id} ({source_class}), "
+            f"which has {len(outputs)} output(s)",
         )
     received = outputs[index]
     if types_compatible(received, spec.type):

@@ -93,7 +93,7 @@ def _display_id(node_id: str) -> str:
 
 def _node_sort_key(node_id: str) -> tuple[int, int, str]:
     # Numeric ids ("2" before "10") first, as ComfyUI's editor numbers them.
-    return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
+    return (0, int(node_id), "") if node_id.isascii() and node_id.isdigit() else (1, 0, node_id)
 
 
 def short_repr(value: object, limit: int = 80) -> str:
@@ -178,7 +178,8 @@ def _require_node_map(workflow: object) -> dict[str, Any]:
         raise graph_error("workflow must be a JSON object mapping node ids to nodes")
     if looks_like_ui_export(workflow):
         raise graph_error(
-            "workflow is a UI-format export (nodes/links); export it with 'Save (API Format)' and submit that",
+            "workflow is a UI-format export (nodes/links); "
+            "export it with 'Save (API Format)' and submit that",
             code="workflow_format_ui",
         )
     if not workflow:
@@ -251,7 +252,8 @@ def _check_literal(
                 errors.add(
                     node_id,
                     "invalid_input_type",
-                    f"input '{name}' holds a typed value {short_repr(value['__type'])}; only core/ASSET is supported",
+                    f"input '{name}' holds a typed value {short_repr(value['__type'])}; "
+                    "only core/ASSET is supported",
                     input_name=name,
                 )
             elif (problem := _asset_problem(value)) is not None:
@@ -553,15 +555,17 @@ def forced_prefix(output_prefix: str, original: object) -> str:
 
 
 def _require_relative_path(path: str, what: str) -> str:
-    """Paths the worker itself supplies; a bad one is a bug in the caller, not a user error."""
+    """Paths the worker itself supplies; a bad one is a bug in the caller, not a user error. A
+    trailing "[...]" is refused too: ComfyUI reads "x.png [output]" from its output folder."""
     parts = path.split("/")
     if (
         not path
         or "\\" in path
+        or path.endswith("]")
         or any(part in ("", ".", "..") for part in parts)
         or not all(part.isprintable() for part in parts)
     ):
-        raise ValueError(f"{what} must be a relative path without '..' or empty parts, got {path!r}")
+        raise ValueError(f"{what} must be a plain relative path without '..' or empty parts, got {path!r}")
     return path
 
 

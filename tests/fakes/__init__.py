@@ -1,0 +1,1 @@
+"""Shared test fakes (the ComfyUI stand-in and its pytest fixtures)."""
