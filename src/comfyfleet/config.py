@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     # Secrets. Outside env=dev, empty or placeholder values stop the service at start.
     key_pepper: SecretStr = Field(SecretStr(""), description="HMAC key for API key digests.")
     url_signing_key: SecretStr = Field(SecretStr(""), description="HMAC key for local download URLs.")
+    webhook_encryption_key: SecretStr = Field(
+        SecretStr(""), description="Key that encrypts webhook signing secrets at rest."
+    )
 
     # API.
     max_body_bytes: int = Field(2 * 1024 * 1024, description="Largest JSON request body.")
@@ -168,7 +171,11 @@ class Settings(BaseSettings):
             problems.append("allow_loopback_urls is a test switch and is refused outside dev/test")
         if self.env == "dev":
             return problems
-        secrets = {"key_pepper": self.key_pepper, "url_signing_key": self.url_signing_key}
+        secrets = {
+            "key_pepper": self.key_pepper,
+            "url_signing_key": self.url_signing_key,
+            "webhook_encryption_key": self.webhook_encryption_key,
+        }
         if self.storage == "s3":
             secrets["s3_secret_access_key"] = self.s3_secret_access_key
         for name, value in secrets.items():
@@ -176,7 +183,7 @@ class Settings(BaseSettings):
                 problems.append(f"COMFYFLEET_{name.upper()} is empty or a placeholder")
         return problems
 
-    def secret_bytes(self, name: Literal["key_pepper", "url_signing_key"]) -> bytes:
+    def secret_bytes(self, name: Literal["key_pepper", "url_signing_key", "webhook_encryption_key"]) -> bytes:
         """A secret as bytes; in dev an empty one falls back to a fixed, clearly-labelled dev value."""
         value: str = getattr(self, name).get_secret_value()
         return (value or f"dev-only-{name}").encode()

@@ -105,6 +105,7 @@ jobs = Table(
     ts("lease_expires_at"),
     ts("cancel_requested_at"),
     Column("dispatch_ref", String(128), nullable=True),
+    Column("dispatch_call_id", String(128), nullable=True),
     ts("dispatched_at"),
     Column("progress", JSON, nullable=True),
     Column("error", JSON, nullable=True),

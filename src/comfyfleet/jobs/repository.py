@@ -43,6 +43,7 @@ class JobRow:
     lease_expires_at: datetime | None
     cancel_requested_at: datetime | None
     dispatch_ref: str | None
+    dispatch_call_id: str | None
     dispatched_at: datetime | None
     progress: dict[str, Any] | None
     error: dict[str, Any] | None

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Iterable
+import zlib
+from collections.abc import AsyncGenerator, Iterable, Iterator
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -39,7 +40,14 @@ if TYPE_CHECKING:
     from httpx._client import UseClientDefault
     from httpx._types import AuthTypes
 
-__all__ = ["GuardedAsyncClient", "GuardedTransport", "Purpose", "guarded_client"]
+__all__ = [
+    "GuardedAsyncClient",
+    "GuardedTransport",
+    "Purpose",
+    "capped_body",
+    "content_length",
+    "guarded_client",
+]
 
 Purpose = Literal["media", "webhook"]
 
@@ -47,6 +55,9 @@ Purpose = Literal["media", "webhook"]
 # tenant with their final URL, and following a redirect would let an endpoint bounce a signed
 # delivery elsewhere.
 MAX_REDIRECTS: dict[Purpose, int] = {"media": 3, "webhook": 0}
+
+_PIECE = 64 * 1024  # largest block of decoded body bytes held in memory at once
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # non-streamed answers (webhook replies) are small or ignored
 
 _SocketOption = tuple[int, int, int] | tuple[int, int, bytes | bytearray] | tuple[int, int, None, int]
 
@@ -241,13 +252,110 @@ class GuardedAsyncClient(httpx.AsyncClient):
         if not _same_origin(request.url, url):
             dropped |= {"authorization", "cookie", "proxy-authorization"}
         headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() not in dropped]
-        return httpx.Request(
-            method,
-            url,
-            headers=headers,
-            stream=request.stream if keep_body else None,
-            extensions=request.extensions,
-        )
+        # Built without a stream so httpx fills in the new Host header; a kept body (307/308) is
+        # re-attached afterwards with its original framing headers, which were not dropped.
+        redirected = httpx.Request(method, url, headers=headers, extensions=request.extensions)
+        if keep_body:
+            redirected.stream = request.stream
+        return redirected
+
+
+class _BoundedDecoder:
+    """Content-Encoding decoding that never produces more than ``_PIECE`` bytes per step."""
+
+    def __init__(self, encoding: str) -> None:
+        encoding = encoding.strip().lower()
+        if encoding in ("", "identity"):
+            self._wbits: int | None = None
+        elif encoding in ("gzip", "x-gzip"):
+            self._wbits = 16 + zlib.MAX_WBITS
+        elif encoding == "deflate":
+            self._wbits = zlib.MAX_WBITS  # zlib-wrapped; raw deflate is detected on the first error
+        else:
+            # We only advertise gzip and deflate; anything else cannot be decoded with a bound.
+            raise UrlFetchFailed(f"unsupported Content-Encoding {encoding!r}")
+        self._zlib = zlib.decompressobj(self._wbits) if self._wbits is not None else None
+        self._started = False
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        if self._zlib is None:
+            for start in range(0, len(data), _PIECE):
+                yield data[start : start + _PIECE]
+            return
+        try:
+            yield from self._inflate(data)
+        except zlib.error as exc:
+            if self._started or self._wbits != zlib.MAX_WBITS:
+                raise UrlFetchFailed("the compressed body is corrupt") from exc
+            # Some servers send raw deflate under "deflate" (the RFC says zlib-wrapped).
+            self._wbits = -zlib.MAX_WBITS
+            self._zlib = zlib.decompressobj(self._wbits)
+            yield from self._inflate(data)
+
+    def _inflate(self, data: bytes) -> Iterator[bytes]:
+        assert self._zlib is not None and self._wbits is not None
+        pending = data
+        while True:
+            out = self._zlib.decompress(pending, _PIECE)
+            if out:
+                self._started = True
+                yield out
+            pending = self._zlib.unconsumed_tail
+            if self._zlib.eof and self._zlib.unused_data:
+                # Concatenated gzip members (allowed by RFC 1952): start the next one.
+                pending = self._zlib.unused_data
+                self._zlib = zlib.decompressobj(self._wbits)
+                continue
+            # A full piece may leave output buffered inside zlib even when no input is left.
+            if not pending and len(out) < _PIECE:
+                return
+
+    def flush(self) -> bytes:
+        # After the input is exhausted, what zlib still holds is at most one window (32 KiB).
+        return self._zlib.flush() if self._zlib is not None else b""
+
+
+async def capped_body(response: httpx.Response, max_bytes: int) -> AsyncGenerator[bytes, None]:
+    """The decoded body in pieces of at most 64 KiB; ``UrlFetchFailed`` once it passes ``max_bytes``.
+
+    Only gzip and deflate are decoded (the client advertises nothing else), with zlib's
+    ``max_length`` so a gzip bomb yields at most one piece past the cap; httpx's decoder would
+    inflate each network chunk in full first.
+    """
+    declared_length = content_length(response)
+    decoder = _BoundedDecoder(response.headers.get("content-encoding", ""))
+    # Encoded bytes are capped too: a stream of empty deflate blocks decodes to nothing forever.
+    raw_cap = max_bytes + max_bytes // 64 + 1024
+    raw_total = decoded_total = 0
+    async for chunk in response.aiter_raw():
+        raw_total += len(chunk)
+        if declared_length is not None and raw_total > declared_length:
+            raise UrlFetchFailed("the body is longer than its Content-Length")
+        if raw_total > raw_cap:
+            raise UrlFetchFailed(f"the body exceeds {max_bytes} bytes")
+        for piece in decoder.feed(chunk):
+            decoded_total += len(piece)
+            if decoded_total > max_bytes:
+                raise UrlFetchFailed(f"the body exceeds {max_bytes} bytes")
+            yield piece
+    tail = decoder.flush()
+    if decoded_total + len(tail) > max_bytes:
+        raise UrlFetchFailed(f"the body exceeds {max_bytes} bytes")
+    if tail:
+        yield tail
+
+
+def content_length(response: httpx.Response) -> int | None:
+    value = response.headers.get("content-length")
+    if value is None:
+        return None
+    try:
+        length = int(value)
+    except ValueError as exc:
+        raise UrlFetchFailed("malformed Content-Length") from exc
+    if length < 0:
+        raise UrlFetchFailed("malformed Content-Length")
+    return length
 
 
 def guarded_client(

@@ -1,28 +1,26 @@
 """Downloading a tenant's media URL to disk through the guarded client, with size, time and type caps.
 
-The size cap counts bytes *after* content decoding, and decoding is done here with zlib's
-``max_length`` so a gzip bomb is stopped after at most one piece of output past the cap; httpx's
-own decoder would inflate each network chunk in full first. The content type is taken from the
-bytes (magic numbers), and a declared type the bytes contradict is refused.
+The size cap counts bytes *after* content decoding (``guarded_http.capped_body``), so a gzip bomb
+stops at the cap. The content type is taken from the bytes (magic numbers), and a declared type
+the bytes contradict is refused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
-import zlib
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 import httpx
 
+from comfyfleet.security.guarded_http import capped_body, content_length
 from comfyfleet.security.ssrf import UrlFetchFailed
 
 __all__ = ["FetchedMedia", "canonical_content_type", "fetch_to_file", "sniff_content_type"]
 
-_PIECE = 64 * 1024  # largest block of decoded bytes held in memory at once
 _SNIFF_BYTES = 512  # enough for every signature below, including a WebM EBML header
 
 _GENERIC_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream", "application/unknown"})
@@ -81,8 +79,13 @@ def _iso_bmff_type(head: bytes) -> str:
 
 
 def _is_mp3_frame(head: bytes) -> bool:
-    # MPEG audio frame sync (11 set bits), MPEG version not "reserved", layer not "reserved".
-    return len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0 and (head[1] >> 1) & 0b11 != 0
+    # An MPEG audio frame header: 11 sync bits, then no "reserved" version, layer, bitrate or
+    # sample rate. Checking all four keeps e.g. a UTF-16 byte-order mark (FF FE) from passing.
+    if len(head) < 3 or head[0] != 0xFF or head[1] & 0xE0 != 0xE0:
+        return False
+    version, layer = (head[1] >> 3) & 0b11, (head[1] >> 1) & 0b11
+    bitrate, sample_rate = head[2] >> 4, (head[2] >> 2) & 0b11
+    return version != 0b01 and layer != 0 and bitrate != 0b1111 and sample_rate != 0b11
 
 
 def sniff_content_type(head: bytes) -> str | None:
@@ -116,99 +119,6 @@ def _same_family(declared: str, sniffed: str) -> bool:
     return declared == sniffed or any(declared in f and sniffed in f for f in _FAMILIES)
 
 
-class _BoundedDecoder:
-    """Content-Encoding decoding that never produces more than ``_PIECE`` bytes per step."""
-
-    def __init__(self, encoding: str) -> None:
-        encoding = encoding.strip().lower()
-        if encoding in ("", "identity"):
-            self._wbits: int | None = None
-        elif encoding in ("gzip", "x-gzip"):
-            self._wbits = 16 + zlib.MAX_WBITS
-        elif encoding == "deflate":
-            self._wbits = zlib.MAX_WBITS  # zlib-wrapped; raw deflate is detected on the first error
-        else:
-            # We only advertise gzip and deflate; anything else cannot be decoded with a bound.
-            raise UrlFetchFailed(f"unsupported Content-Encoding {encoding!r}")
-        self._zlib = zlib.decompressobj(self._wbits) if self._wbits is not None else None
-        self._started = False
-
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        if self._zlib is None:
-            for start in range(0, len(data), _PIECE):
-                yield data[start : start + _PIECE]
-            return
-        try:
-            yield from self._inflate(data)
-        except zlib.error as exc:
-            if self._started or self._wbits != zlib.MAX_WBITS:
-                raise UrlFetchFailed("the compressed body is corrupt") from exc
-            # Some servers send raw deflate under "deflate" (the RFC says zlib-wrapped).
-            self._wbits = -zlib.MAX_WBITS
-            self._zlib = zlib.decompressobj(self._wbits)
-            yield from self._inflate(data)
-
-    def _inflate(self, data: bytes) -> Iterator[bytes]:
-        assert self._zlib is not None and self._wbits is not None
-        pending = data
-        while True:
-            out = self._zlib.decompress(pending, _PIECE)
-            if out:
-                self._started = True
-                yield out
-            pending = self._zlib.unconsumed_tail
-            if self._zlib.eof and self._zlib.unused_data:
-                # Concatenated gzip members (allowed by RFC 1952): start the next one.
-                pending = self._zlib.unused_data
-                self._zlib = zlib.decompressobj(self._wbits)
-                continue
-            # A full piece may leave output buffered inside zlib even when no input is left.
-            if not pending and len(out) < _PIECE:
-                return
-
-    def flush(self) -> bytes:
-        # After the input is exhausted, what zlib still holds is at most one window (32 KiB).
-        return self._zlib.flush() if self._zlib is not None else b""
-
-
-async def _decoded_body(response: httpx.Response, max_bytes: int) -> AsyncIterator[bytes]:
-    """The decoded body in pieces, aborting as soon as it passes ``max_bytes``."""
-    declared_length = _content_length(response)
-    decoder = _BoundedDecoder(response.headers.get("content-encoding", ""))
-    # Encoded bytes are capped too: a stream of empty deflate blocks decodes to nothing forever.
-    raw_cap = max_bytes + max_bytes // 64 + 1024
-    raw_total = decoded_total = 0
-    async for chunk in response.aiter_raw():
-        raw_total += len(chunk)
-        if declared_length is not None and raw_total > declared_length:
-            raise UrlFetchFailed("the body is longer than its Content-Length")
-        if raw_total > raw_cap:
-            raise UrlFetchFailed(f"the body exceeds {max_bytes} bytes")
-        for piece in decoder.feed(chunk):
-            decoded_total += len(piece)
-            if decoded_total > max_bytes:
-                raise UrlFetchFailed(f"the body exceeds {max_bytes} bytes")
-            yield piece
-    tail = decoder.flush()
-    if decoded_total + len(tail) > max_bytes:
-        raise UrlFetchFailed(f"the body exceeds {max_bytes} bytes")
-    if tail:
-        yield tail
-
-
-def _content_length(response: httpx.Response) -> int | None:
-    value = response.headers.get("content-length")
-    if value is None:
-        return None
-    try:
-        length = int(value)
-    except ValueError as exc:
-        raise UrlFetchFailed("malformed Content-Length") from exc
-    if length < 0:
-        raise UrlFetchFailed("malformed Content-Length")
-    return length
-
-
 def _check_head(head: bytes, declared: str, allowed: frozenset[str]) -> str:
     sniffed = sniff_content_type(head)
     if sniffed is None:
@@ -224,7 +134,7 @@ def _check_headers(response: httpx.Response, max_bytes: int, allowed: frozenset[
     """Everything refusable before the first body byte. Returns the declared (canonical) type."""
     if not 200 <= response.status_code < 300:
         raise UrlFetchFailed(f"HTTP {response.status_code}")
-    length = _content_length(response)
+    length = content_length(response)
     if length is not None and length > max_bytes:
         raise UrlFetchFailed(f"Content-Length {length} exceeds {max_bytes} bytes")
     declared = canonical_content_type(response.headers.get("content-type", ""))
@@ -239,8 +149,9 @@ async def _write_body(
     head = b""
     sniffed: str | None = None
     size = 0
-    async with await anyio.open_file(part, "wb") as file:
-        async for piece in _decoded_body(response, max_bytes):
+    pieces = capped_body(response, max_bytes)
+    async with contextlib.aclosing(pieces), await anyio.open_file(part, "wb") as file:
+        async for piece in pieces:
             size += len(piece)
             if sniffed is None:
                 head += piece

@@ -33,11 +33,14 @@ def asset(asset_id: str = "asset-1", **info: Any) -> dict[str, Any]:
     return {"__type": "core/ASSET", "info": {"id": asset_id, **info}}
 
 
-def invert_graph(image: object = None, prefix: object = "lab/inverted") -> dict[str, Any]:
+_DEFAULT_IMAGE = object()
+
+
+def invert_graph(image: object = _DEFAULT_IMAGE, prefix: object = "lab/inverted") -> dict[str, Any]:
+    if image is _DEFAULT_IMAGE:
+        image = asset(hash=HASH, file_path="photo.png")
     return {
-        "10": {"class_type": "LoadImage", "inputs": {"image": asset(hash=HASH, file_path="photo.png")}}
-        if image is None
-        else {"class_type": "LoadImage", "inputs": {"image": image}},
+        "10": {"class_type": "LoadImage", "inputs": {"image": image}},
         "11": {"class_type": "ImageInvert", "inputs": {"image": ["10", 0]}},
         "12": {
             "class_type": "ImageScale",
@@ -144,6 +147,18 @@ def test_malformed_nodes_are_all_reported_per_node() -> None:
     }
     assert str(exc.value).startswith("Node 1 (unknown class): node is missing the class_type property")
     assert "(and 5 more errors)" in str(exc.value)
+
+
+def test_oversized_node_ids_and_empty_input_names_are_invalid() -> None:
+    long_id = "n" * 200
+    workflow = {
+        long_id: {"class_type": "SaveImage", "inputs": {}},
+        "1": {"class_type": "X", "inputs": {"": 1}},
+    }
+    with pytest.raises(ValidationFailed) as exc:
+        validate_api_format(workflow, max_nodes=10)
+    # The echoed id is cut short: details must not carry megabytes back to the caller.
+    assert node_errors(exc) == {"1": ["invalid_input_name"], "n" * 128 + "…": ["invalid_node_id"]}
 
 
 def test_error_details_name_the_input_and_sort_node_ids_numerically() -> None:
@@ -459,15 +474,11 @@ def test_foreign_file_references_are_refused(reference: object) -> None:
     with pytest.raises(ValidationFailed) as exc:
         prepare(workflow)
     assert exc.value.code == "invalid_workflow"
-    assert exc.value.details["node_errors"] == {
-        "10": [
-            {
-                "type": "file_reference_not_allowed",
-                "message": exc.value.details["node_errors"]["10"][0]["message"],
-                "input": "image",
-            }
-        ]
-    }
+    ((error,),) = exc.value.details["node_errors"].values()
+    assert list(exc.value.details["node_errors"]) == ["10"]
+    assert (error["type"], error["input"]) == ("file_reference_not_allowed", "image")
+    assert error["message"].startswith("input 'image': ")
+    assert str(exc.value).startswith("Node 10 (LoadImage): input 'image': ")
 
 
 def test_the_jobs_own_staged_name_is_accepted_as_a_plain_string() -> None:

@@ -386,10 +386,11 @@ class ComfyProcess(_Monitored):
             self._lock.release()
             raise
 
-    async def release(self) -> None:
-        """Start the process stopped by ``hold()``."""
+    async def release(self, *, start: bool = True) -> None:
+        """Start the process stopped by ``hold()`` (or leave it to the watchdog with start=False)."""
         try:
-            await self._relaunch()
+            if start:
+                await self._relaunch()
         finally:
             self._lock.release()
 
@@ -897,6 +898,7 @@ class Supervisor:
         for process in processes:
             await notify_slot_lost(self.on_slot_lost, process.spec)
         held: list[ComfyProcess] = []
+        relaunch = False
         try:
             for process in processes:
                 await process.hold()
@@ -909,8 +911,12 @@ class Supervisor:
                     # The slots still find their GPU by UUID; they only lose the sharing.
                     log.error("MPS daemon of GPU %s did not come back: %s", gpu, exc)
                     self.mode_reason = f"{self.mode_reason}; GPU {gpu} restarted without MPS: {exc}"
+            relaunch = True
         finally:
-            results = await asyncio.gather(*(p.release() for p in held), return_exceptions=True)
+            # Interrupted (e.g. cancelled by stop()): free the slots without starting them.
+            results = await asyncio.gather(
+                *(p.release(start=relaunch) for p in held), return_exceptions=True
+            )
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             raise ComfyStartError(f"GPU {gpu}: " + "; ".join(str(e) for e in errors)) from errors[0]

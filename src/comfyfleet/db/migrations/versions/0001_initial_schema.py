@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-28 19:21:26.895784
+Create Date: 2026-11-28 19:29:21.272141
 """
 
 from __future__ import annotations
@@ -147,6 +147,7 @@ def upgrade() -> None:
     sa.Column('lease_expires_at', comfyfleet.db.tables.UtcDateTime(timezone=True), nullable=True),
     sa.Column('cancel_requested_at', comfyfleet.db.tables.UtcDateTime(timezone=True), nullable=True),
     sa.Column('dispatch_ref', sa.String(length=128), nullable=True),
+    sa.Column('dispatch_call_id', sa.String(length=128), nullable=True),
     sa.Column('dispatched_at', comfyfleet.db.tables.UtcDateTime(timezone=True), nullable=True),
     sa.Column('progress', sa.JSON(), nullable=True),
     sa.Column('error', sa.JSON(), nullable=True),
