@@ -29,6 +29,7 @@ pytest_plugins = [
 TEST_SECRETS = {
     "key_pepper": "test-pepper-0123456789abcdef0123456789",
     "url_signing_key": "test-signing-0123456789abcdef012345678",
+    "webhook_encryption_key": "test-webhook-0123456789abcdef01234567",
 }
 
 
@@ -95,21 +96,7 @@ def settings(db_url: str, tmp_path: Path) -> Settings:
 
 @pytest_asyncio.fixture
 async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
-    try:
-        import comfyfleet.storage.local  # noqa: F401
-        storage = None
-    except ImportError:  # TEMP until the storage layer lands
-        from datetime import timedelta
-
-        from comfyfleet.storage.base import SignedUrl
-        from comfyfleet.timeutil import utcnow
-
-        class _Tmp:
-            async def download_url(self, key: str, **kw: Any) -> SignedUrl:
-                return SignedUrl(url="http://testserver/x", expires_at=utcnow() + timedelta(seconds=60))
-
-        storage = _Tmp()  # type: ignore[assignment]
-    rt = await Runtime.create(settings, storage=storage)  # type: ignore[arg-type]
+    rt = await Runtime.create(settings)
     try:
         yield rt
     finally:

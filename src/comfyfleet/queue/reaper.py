@@ -9,6 +9,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from comfyfleet.assets import retention
 from comfyfleet.jobs import idempotency
 from comfyfleet.jobs import repository as repo
 from comfyfleet.jobs.events import record_transition
@@ -58,9 +59,7 @@ async def reap_once(runtime: Runtime, now: datetime | None = None) -> ReapReport
         await runtime.bus.publish(job_topic(row.id), {"kind": "status", "status": row.status})
     if report.requeued:
         await runtime.bus.publish(NEW_WORK, {})
-    retention = runtime.extras.get("retention")
-    if retention is not None:
-        report.retention_deleted = await retention(runtime, now)
+    report.retention_deleted = await retention.cleanup(runtime, now)
     return report
 
 

@@ -157,6 +157,23 @@ class GuardedTransport(httpx.AsyncBaseTransport):
         await self._inner.aclose()
 
 
+def _with_content(response: httpx.Response, content: bytes) -> httpx.Response:
+    """A copy of ``response`` carrying the already decoded (and size-capped) body."""
+    headers = [
+        (k, v)
+        for k, v in response.headers.multi_items()
+        if k.lower() not in ("content-encoding", "content-length")
+    ]
+    return httpx.Response(
+        response.status_code,
+        headers=headers,
+        content=content,
+        request=response.request,
+        extensions=response.extensions,
+        history=response.history,
+    )
+
+
 def _cookieless_jar() -> CookieJar:
     # One client serves many tenants; a cookie set by one tenant's server must never ride along
     # on another tenant's request. An empty allowed_domains list makes the jar accept nothing.
@@ -175,11 +192,19 @@ class GuardedAsyncClient(httpx.AsyncClient):
     Transport failures surface as ``UrlFetchFailed``; policy refusals as ``UrlNotAllowed``.
     """
 
-    def __init__(self, *, purpose: Purpose, total_timeout: float | None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        purpose: Purpose,
+        total_timeout: float | None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.purpose: Purpose = purpose
         self.max_redirects = MAX_REDIRECTS[purpose]
         self.total_timeout = total_timeout
+        self.max_body_bytes = max_body_bytes
 
     async def send(
         self,
@@ -222,13 +247,13 @@ class GuardedAsyncClient(httpx.AsyncClient):
                 raise UrlFetchFailed(f"more than {self.max_redirects} redirects")
             request = self._redirect_request(request, response)
         response.history = history
-        if not stream:
-            try:
-                await response.aread()
-            except BaseException:
-                await response.aclose()
-                raise
-        return response
+        if stream:
+            return response
+        try:
+            content = b"".join([piece async for piece in capped_body(response, self.max_body_bytes)])
+        finally:
+            await response.aclose()
+        return _with_content(response, content)
 
     def _redirect_request(self, request: httpx.Request, response: httpx.Response) -> httpx.Request:
         try:
@@ -368,23 +393,28 @@ def guarded_client(
     total_timeout: float | None = 60.0,
     verify: ssl.SSLContext | bool = True,
     network_backend: httpcore.AsyncNetworkBackend | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     user_agent: str = "comfyfleet",
 ) -> httpx.AsyncClient:
     """The client to use for any URL a tenant supplied. Build one per policy (tenant allowlist).
 
     ``connect_timeout`` bounds DNS plus TCP/TLS setup, ``read_timeout`` each read, and
     ``total_timeout`` a whole ``send`` including redirects (for ``stream=True`` up to the headers;
-    ``fetch_to_file`` has its own deadline covering the body).
+    ``fetch_to_file`` has its own deadline covering the body). A non-streamed answer is read
+    through ``capped_body`` and refused past ``max_body_bytes``; a caller that streams reads the
+    body with ``capped_body`` too.
     """
     transport = GuardedTransport(policy, resolver=resolver, network_backend=network_backend, verify=verify)
     return GuardedAsyncClient(
         purpose=purpose,
         total_timeout=total_timeout,
+        max_body_bytes=max_body_bytes,
         transport=transport,
         trust_env=False,  # no proxy, netrc or CA bundle from the environment
         follow_redirects=purpose == "media",
         cookies=_cookieless_jar(),
-        headers={"User-Agent": user_agent},
+        # Only what capped_body can decode with a bound (httpx would also offer br / zstd).
+        headers={"User-Agent": user_agent, "Accept-Encoding": "gzip, deflate"},
         timeout=httpx.Timeout(
             connect=connect_timeout, read=read_timeout, write=read_timeout, pool=connect_timeout
         ),

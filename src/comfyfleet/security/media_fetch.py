@@ -16,8 +16,8 @@ from pathlib import Path
 import anyio
 import httpx
 
-from comfyfleet.security.guarded_http import capped_body, content_length
-from comfyfleet.security.ssrf import UrlFetchFailed
+from comfyfleet.security.guarded_http import GuardedAsyncClient, capped_body, content_length
+from comfyfleet.security.ssrf import UrlFetchFailed, UrlNotAllowed
 
 __all__ = ["FetchedMedia", "canonical_content_type", "fetch_to_file", "sniff_content_type"]
 
@@ -180,13 +180,19 @@ async def fetch_to_file(
     Nothing is left at ``dest`` (or beside it) unless every check passed. Raises ``UrlNotAllowed``
     for policy refusals, ``UrlFetchFailed`` for everything else.
     """
+    if not isinstance(client, GuardedAsyncClient):
+        # A plain httpx client would fetch a tenant's URL with no SSRF guard at all.
+        raise TypeError("fetch_to_file needs a client made by guarded_client()")
     allowed = frozenset(canonical_content_type(t) for t in allowed_content_types)
     if not allowed:
         raise ValueError("allowed_content_types must not be empty")
+    try:
+        request = client.build_request(
+            "GET", url, headers={"Accept": ", ".join(sorted(allowed)), "Accept-Encoding": "gzip, deflate"}
+        )
+    except httpx.InvalidURL as exc:
+        raise UrlNotAllowed("not a valid URL") from exc
     part = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.part")
-    request = client.build_request(
-        "GET", url, headers={"Accept": ", ".join(sorted(allowed)), "Accept-Encoding": "gzip, deflate"}
-    )
     deadline = asyncio.timeout(total_timeout)
     try:
         async with deadline:

@@ -139,7 +139,11 @@ class _Context:
         if ex.interrupt_flag:
             raise Interrupted
         ex.update_progress(self._run, self.node_id, value, total)
-        ex.send("progress", {"value": value, "max": total, "prompt_id": self.prompt_id, "node": self.node_id}, ex.client_id)
+        ex.send(
+            "progress",
+            {"value": value, "max": total, "prompt_id": self.prompt_id, "node": self.node_id},
+            ex.client_id,
+        )
         if preview is not None:
             metadata = {
                 "node_id": self.node_id,
@@ -273,7 +277,9 @@ class Executor:
         live = {s for s in run.signatures.values() if s is not None}
         self._cache = {k: v for k, v in self._cache.items() if k in live}
         cached = [node_id for node_id in item.prompt if self._is_cached(run, node_id)]
-        self._add_message(run, "execution_cached", {"nodes": cached, "prompt_id": item.prompt_id}, broadcast=False)
+        self._add_message(
+            run, "execution_cached", {"nodes": cached, "prompt_id": item.prompt_id}, broadcast=False
+        )
 
         status_str, completed = "success", True
         current: tuple[str, str] | None = None
@@ -288,7 +294,12 @@ class Executor:
         except Interrupted:
             status_str, completed = "error", False
             node_id, class_type = current or ("", "")
-            payload = {"prompt_id": item.prompt_id, "node_id": node_id, "node_type": class_type, "executed": list(run.executed)}
+            payload = {
+                "prompt_id": item.prompt_id,
+                "node_id": node_id,
+                "node_type": class_type,
+                "executed": list(run.executed),
+            }
             self._add_message(run, "execution_interrupted", payload, broadcast=True)
             for record in self._interrupts:
                 record.stopped_prompt_id = item.prompt_id
@@ -318,7 +329,12 @@ class Executor:
 
     def _record_ui(self, run: _Run, node_id: str, ui: dict[str, Any]) -> None:
         run.ui_outputs[node_id] = ui
-        run.meta[node_id] = {"node_id": node_id, "display_node": node_id, "parent_node": None, "real_node_id": node_id}
+        run.meta[node_id] = {
+            "node_id": node_id,
+            "display_node": node_id,
+            "parent_node": None,
+            "real_node_id": node_id,
+        }
         if self.client_id is not None:
             data = {"node": node_id, "display_node": node_id, "output": ui, "prompt_id": run.prompt_id}
             self.send("executed", data, self.client_id)
@@ -337,7 +353,11 @@ class Executor:
 
         self._progress_entry(run, node_id, 0.0, 1.0, "running")
         if self.client_id is not None:
-            self.send("executing", {"node": node_id, "display_node": node_id, "prompt_id": run.prompt_id}, self.client_id)
+            self.send(
+                "executing",
+                {"node": node_id, "display_node": node_id, "prompt_id": run.prompt_id},
+                self.client_id,
+            )
         if self.interrupt_flag:  # checked at node start, after `executing` (transcript 07)
             raise Interrupted
         inputs = self._inputs(run, node_id)

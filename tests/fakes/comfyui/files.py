@@ -97,4 +97,6 @@ def save_target(prefix: str, base: Path, width: int, height: int) -> SaveTarget:
             f" full_output_folder: {os.path.abspath(folder)}\n output_dir: {base}"
         )
     folder.mkdir(parents=True, exist_ok=True)
-    return SaveTarget(folder=folder, basename=basename, counter=next_counter(folder, basename), subfolder=subfolder)
+    return SaveTarget(
+        folder=folder, basename=basename, counter=next_counter(folder, basename), subfolder=subfolder
+    )

@@ -104,7 +104,9 @@ def list_jobs(queue: PromptQueue, query: dict[str, str]) -> dict[str, Any]:
     statuses = [s for s in query.get("status", "").split(",") if s] or list(STATUSES)
     bad = [s for s in statuses if s not in STATUSES]
     if bad:
-        raise JobsQueryError(f"Invalid status value(s): {', '.join(bad)}. Valid values: {', '.join(STATUSES)}")
+        raise JobsQueryError(
+            f"Invalid status value(s): {', '.join(bad)}. Valid values: {', '.join(STATUSES)}"
+        )
     sort_by = query.get("sort_by", "created_at")
     if sort_by not in ("created_at", "execution_duration"):
         raise JobsQueryError("sort_by must be 'created_at' or 'execution_duration'")
@@ -132,5 +134,10 @@ def list_jobs(queue: PromptQueue, query: dict[str, str]) -> dict[str, Any]:
     page = jobs[offset:] if limit is None else jobs[offset : offset + limit]
     return {
         "jobs": page,
-        "pagination": {"offset": offset, "limit": limit, "total": len(jobs), "has_more": offset + len(page) < len(jobs)},
+        "pagination": {
+            "offset": offset,
+            "limit": limit,
+            "total": len(jobs),
+            "has_more": offset + len(page) < len(jobs),
+        },
     }

@@ -267,12 +267,18 @@ def _write_images(
 
 
 async def _save_image(
-    ctx: NodeContext, images: Images, filename_prefix: str = "ComfyUI", prompt: Any = None, extra_pnginfo: Any = None
+    ctx: NodeContext,
+    images: Images,
+    filename_prefix: str = "ComfyUI",
+    prompt: Any = None,
+    extra_pnginfo: Any = None,
 ) -> NodeResult:
     return _write_images(ctx, images, filename_prefix, "output", prompt, extra_pnginfo, level=4)
 
 
-async def _preview_image(ctx: NodeContext, images: Images, prompt: Any = None, extra_pnginfo: Any = None) -> NodeResult:
+async def _preview_image(
+    ctx: NodeContext, images: Images, prompt: Any = None, extra_pnginfo: Any = None
+) -> NodeResult:
     suffix = "".join(random.choice(string.ascii_lowercase) for _ in range(5))
     return _write_images(ctx, images, f"ComfyUI_temp_{suffix}", "temp", prompt, extra_pnginfo, level=1)
 
@@ -306,7 +312,10 @@ NODES: dict[str, NodeDef] = {
                         "width": ["INT", dict(_SIZE)],
                         "height": ["INT", dict(_SIZE)],
                         "batch_size": ["INT", {"default": 1, "min": 1, "max": 4096}],
-                        "color": ["INT", {"default": 0, "min": 0, "max": 16777215, "step": 1, "display": "color"}],
+                        "color": [
+                            "INT",
+                            {"default": 0, "min": 0, "max": 16777215, "step": 1, "display": "color"},
+                        ],
                     }
                 }
             ),
@@ -398,7 +407,10 @@ NODES: dict[str, NodeDef] = {
                     "required": {
                         "image": ["IMAGE"],
                         "steps": ["INT", {"default": 4, "min": 1, "max": 10000}],
-                        "seconds_per_step": ["FLOAT", {"default": 0.05, "min": 0.0, "max": 60.0, "step": 0.01}],
+                        "seconds_per_step": [
+                            "FLOAT",
+                            {"default": 0.05, "min": 0.0, "max": 60.0, "step": 0.01},
+                        ],
                     }
                 }
             ),

@@ -81,17 +81,26 @@ class _Validator:
                     for input_name in args:
                         details = input_name if verdict is False else f"{input_name} - {verdict}"
                         errors.append(
-                            _error("custom_validation_failed", "Custom validation failed for node", details, {"input_name": input_name})
+                            _error(
+                                "custom_validation_failed",
+                                "Custom validation failed for node",
+                                details,
+                                {"input_name": input_name},
+                            )
                         )
         result = (valid and not errors, errors)
         self.results[node_id] = result
         return result
 
-    def _input(self, cls: NodeDef, inputs: dict[str, Any], name: str, *, required: bool, errors: list[Error]) -> bool:
+    def _input(
+        self, cls: NodeDef, inputs: dict[str, Any], name: str, *, required: bool, errors: list[Error]
+    ) -> bool:
         """Check one input; returns False when an upstream node is invalid (without an error of its own)."""
         if name not in inputs:
             if required:
-                errors.append(_error("required_input_missing", "Required input is missing", name, {"input_name": name}))
+                errors.append(
+                    _error("required_input_missing", "Required input is missing", name, {"input_name": name})
+                )
             return True
         info = cls.input_info(self.dirs, name)
         assert info is not None
@@ -110,7 +119,12 @@ class _Validator:
                         "invalid_input_type",
                         f"Failed to convert an input value to a {input_type} value",
                         f"{name}, {value}, {exc}",
-                        {"input_name": name, "input_config": config, "received_value": value, "exception_message": str(exc)},
+                        {
+                            "input_name": name,
+                            "input_config": config,
+                            "received_value": value,
+                            "exception_message": str(exc),
+                        },
                     )
                 )
                 return True
@@ -118,17 +132,32 @@ class _Validator:
             return True  # the node's own VALIDATE_INPUTS judges this input
         bounds = {"input_name": name, "input_config": config, "received_value": value}
         if "min" in extra and value < extra["min"]:
-            errors.append(_error("value_smaller_than_min", f"Value {value} smaller than min of {extra['min']}", name, bounds))
+            errors.append(
+                _error(
+                    "value_smaller_than_min",
+                    f"Value {value} smaller than min of {extra['min']}",
+                    name,
+                    bounds,
+                )
+            )
         elif "max" in extra and value > extra["max"]:
-            errors.append(_error("value_bigger_than_max", f"Value {value} bigger than max of {extra['max']}", name, bounds))
+            errors.append(
+                _error(
+                    "value_bigger_than_max", f"Value {value} bigger than max of {extra['max']}", name, bounds
+                )
+            )
         elif isinstance(input_type, list) and value not in input_type:
             listing = f"(list of length {len(input_type)})" if len(input_type) > 20 else str(input_type)
             errors.append(
-                _error("value_not_in_list", "Value not in list", f"{name}: '{value}' not in {listing}", bounds)
+                _error(
+                    "value_not_in_list", "Value not in list", f"{name}: '{value}' not in {listing}", bounds
+                )
             )
         return True
 
-    def _link(self, name: str, link: list[Any], input_type: Any, config: list[Any], errors: list[Error]) -> bool:
+    def _link(
+        self, name: str, link: list[Any], input_type: Any, config: list[Any], errors: list[Error]
+    ) -> bool:
         if len(link) != 2:
             errors.append(
                 _error(
@@ -150,7 +179,12 @@ class _Validator:
                     "return_type_mismatch",
                     "Return type mismatch between linked nodes",
                     f"{name}, received_type({received}) mismatch input_type({input_type})",
-                    {"input_name": name, "input_config": config, "received_type": received, "linked_node": link},
+                    {
+                        "input_name": name,
+                        "input_config": config,
+                        "received_type": received,
+                        "linked_node": link,
+                    },
                 )
             )
             return True
@@ -221,7 +255,10 @@ def validate_prompt(prompt: Any, dirs: Dirs, targets: list[str] | None = None) -
                     "exception_during_validation",
                     "Exception when validating node",
                     str(exc),
-                    {"exception_type": full_type_name(exc), "traceback": traceback.format_tb(exc.__traceback__)},
+                    {
+                        "exception_type": full_type_name(exc),
+                        "traceback": traceback.format_tb(exc.__traceback__),
+                    },
                 )
             ]
             validator.results[output_id] = (False, reasons)
@@ -234,7 +271,12 @@ def validate_prompt(prompt: Any, dirs: Dirs, targets: list[str] | None = None) -
             if node_ok or not node_reasons:
                 continue
             entry = node_errors.setdefault(
-                node_id, {"errors": node_reasons, "dependent_outputs": [], "class_type": prompt[node_id]["class_type"]}
+                node_id,
+                {
+                    "errors": node_reasons,
+                    "dependent_outputs": [],
+                    "class_type": prompt[node_id]["class_type"],
+                },
             )
             entry["dependent_outputs"].append(output_id)
 

@@ -29,8 +29,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from comfyfleet.errors import ValidationFailed
-from comfyfleet.security.guarded_http import guarded_client
-from comfyfleet.security.media_fetch import _BoundedDecoder, fetch_to_file, sniff_content_type
+from comfyfleet.security.guarded_http import _BoundedDecoder, guarded_client
+from comfyfleet.security.media_fetch import fetch_to_file, sniff_content_type
 from comfyfleet.security.ssrf import (
     UrlFetchFailed,
     UrlNotAllowed,
@@ -614,6 +614,39 @@ async def test_loopback_is_refused_without_the_test_switch(serve: Serve, tmp_pat
             )  # fmt: skip
 
 
+async def test_a_non_streamed_answer_is_capped_and_decoded(serve: Serve) -> None:
+    server = await serve(
+        {
+            "/endless": streamed(b"{", write_forever),
+            "/bomb": body(gzip_of(bytes(MiB) for _ in range(64)), **{"Content-Encoding": "gzip"}),
+            "/json": body(gzip_of([b'{"ok": true}']), "application/json", **{"Content-Encoding": "gzip"}),
+        }
+    )
+    base = f"http://127.0.0.1:{server.port}"
+    async with guarded_client(loopback_policy(server.port), purpose="webhook", max_body_bytes=MiB) as client:
+        for path in ("/endless", "/bomb"):
+            with pytest.raises(UrlFetchFailed, match="exceeds"):
+                await client.post(base + path, content=b"event")
+        answer = await client.post(base + "/json", content=b"event")
+    assert answer.json() == {"ok": True}
+    assert "content-encoding" not in answer.headers
+
+
+async def test_fetch_refuses_an_unguarded_client_and_a_malformed_url(tmp_path: Path) -> None:
+    async with httpx.AsyncClient() as plain:
+        with pytest.raises(TypeError):
+            await fetch_to_file(
+                plain, "http://public.test/", tmp_path / "m.png", max_bytes=MiB,
+                allowed_content_types=MEDIA_TYPES, total_timeout=1.0,
+            )  # fmt: skip
+    async with guarded_client(UrlPolicy(), purpose="media", network_backend=RecordingBackend()) as client:
+        with pytest.raises(UrlNotAllowed, match="not a valid URL"):
+            await fetch_to_file(
+                client, "http://[::1/", tmp_path / "m.png", max_bytes=MiB,
+                allowed_content_types=MEDIA_TYPES, total_timeout=1.0,
+            )  # fmt: skip
+
+
 async def test_cookies_are_never_kept_between_requests(serve: Serve) -> None:
     async def set_cookie(request: web.Request) -> web.StreamResponse:
         response = web.Response(text=request.headers.get("Cookie", "none"))
@@ -758,7 +791,7 @@ async def test_tenant_allowlist_narrows_but_never_widens() -> None:
         "http://router.home.arpa/",
         "http://redis/",
         "http://[fe80::1%25eth0]/",
-        "http://user:pw@public.test/",
+        "http://someone@public.test/",
         "https://public.test:8443/",
     ],
 )

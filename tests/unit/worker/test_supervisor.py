@@ -153,7 +153,12 @@ def test_each_slot_gets_its_own_port_folders_database_and_env(tmp_path: Path) ->
         extra_args=("--preview-method", "none"),
     )
 
-    assert [(s.index, s.gpu, s.port) for s in slots] == [(0, 0, 9000), (1, 0, 9001), (2, 1, 9002), (3, 1, 9003)]
+    assert [(s.index, s.gpu, s.port) for s in slots] == [
+        (0, 0, 9000),
+        (1, 0, 9001),
+        (2, 1, 9002),
+        (3, 1, 9003),
+    ]
     assert len({s.base_dir for s in slots}) == 4
     slot = slots[2]
     assert slot.base_dir == tmp_path.absolute() / "slot-2"
@@ -262,6 +267,24 @@ async def test_stop_terminates_the_whole_process_group(tmp_path: Path) -> None:
     await wait_until(lambda: not alive(pid) and not alive(child), "ComfyUI and its child are gone")
 
 
+async def test_env_changes_apply_from_the_next_restart(tmp_path: Path) -> None:
+    # What the Modal worker does after a snapshot restore with the snapshot-mode variable.
+    supervisor = make_supervisor(tmp_path, env={"FAKE_COMFY_MARK": "snapshot"})
+    await supervisor.start()
+    try:
+        supervisor.update_env({"FAKE_COMFY_MARK": None})
+        assert "FAKE_COMFY_MARK" not in supervisor.slots[0].env
+        url = supervisor.slots[0].url
+        assert (await system_stats(url))["fake"]["env"]["FAKE_COMFY_MARK"] == "snapshot"
+
+        assert await supervisor.instances[0].restart() is True
+
+        assert (await system_stats(url))["fake"]["env"]["FAKE_COMFY_MARK"] is None
+        assert supervisor.status().slots[0].restarts == 1
+    finally:
+        await supervisor.stop()
+
+
 # ------------------------------------------------------------------------------------- watchdog
 
 
@@ -310,7 +333,9 @@ async def test_a_slot_that_stops_answering_is_reported_unhealthy(tmp_path: Path)
 
 
 async def test_mps_falls_back_to_plain_slots_when_the_binary_is_missing(tmp_path: Path) -> None:
-    supervisor = make_supervisor(tmp_path, gpus=[0], use_mps=True, mps_control="comfyfleet-no-such-mps-control")
+    supervisor = make_supervisor(
+        tmp_path, gpus=[0], use_mps=True, mps_control="comfyfleet-no-such-mps-control"
+    )
     await supervisor.start()
     try:
         status = supervisor.status()
@@ -325,7 +350,9 @@ async def test_mps_falls_back_to_plain_slots_when_the_binary_is_missing(tmp_path
 
 async def test_mps_falls_back_to_plain_slots_when_the_daemon_fails(tmp_path: Path) -> None:
     control, smi, _ = fake_mps_tools(tmp_path, fail_start=True)
-    supervisor = make_supervisor(tmp_path, gpus=[0], use_mps=True, mps_control=str(control), nvidia_smi=str(smi))
+    supervisor = make_supervisor(
+        tmp_path, gpus=[0], use_mps=True, mps_control=str(control), nvidia_smi=str(smi)
+    )
     await supervisor.start()
     try:
         status = supervisor.status()

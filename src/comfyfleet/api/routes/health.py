@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -33,5 +34,7 @@ async def readyz(request: Request) -> Json:
         ready = False
     supervisor = runtime.extras.get("supervisor")
     if supervisor is not None:
-        checks["comfyui"] = supervisor.describe()
+        status = supervisor.status()
+        checks["comfyui"] = {"mode": status.mode, "mode_reason": status.mode_reason, "ready": status.ready,
+                             "slots": [asdict(slot) for slot in status.slots]}
     return Json({"ready": ready, "checks": checks}, status_code=200 if ready else 503)

@@ -212,7 +212,9 @@ def check_device_lookup(
 def _differences(found: DeviceLookupShape, expected: DeviceLookupShape) -> list[str]:
     out: list[str] = []
     if found.parameters != expected.parameters:
-        out.append(f"parameters ({', '.join(found.parameters)}) instead of ({', '.join(expected.parameters)})")
+        out.append(
+            f"parameters ({', '.join(found.parameters)}) instead of ({', '.join(expected.parameters)})"
+        )
     for label, have, want in (
         ("globals", found.globals, expected.globals),
         ("calls", found.calls, expected.calls),
@@ -242,7 +244,9 @@ def build_patched_code(source: str, filename: str, version: str | None) -> tuple
     tree = ast.parse(source, filename)
     shape = check_device_lookup(tree, version=version, filename=filename)
     index, function = next(
-        (i, n) for i, n in enumerate(tree.body) if isinstance(n, ast.FunctionDef) and n.name == TARGET_FUNCTION
+        (i, n)
+        for i, n in enumerate(tree.body)
+        if isinstance(n, ast.FunctionDef) and n.name == TARGET_FUNCTION
     )
     # Right after the def, so even the call ComfyUI makes while the module is still being imported
     # goes through the wrapper.
@@ -332,6 +336,7 @@ def install(environ: Mapping[str, str] | None = None) -> bool:
         )
     if not any(getattr(finder, "comfyfleet_snapshot_finder", False) for finder in sys.meta_path):
         sys.meta_path.insert(0, _DeviceLookupFinder())
+        log.info("comfyfleet snapshot patch: %s will be checked and patched when imported", TARGET_MODULE)
     return True
 
 
@@ -367,7 +372,7 @@ def rebind_gpu(*, cuda_visible_devices: str | None = None) -> RebindResult:
     # ComfyUI measured the memory of the CPU "device" at import; its memory heuristics read this.
     get_total_memory = getattr(module, "get_total_memory", None)
     if callable(get_total_memory):
-        module.total_vram = get_total_memory(device) / (1024 * 1024)
+        module.__dict__["total_vram"] = get_total_memory(device) / (1024 * 1024)
     state["device"] = str(device)
     log.info("comfyfleet snapshot patch: ComfyUI now runs on %s", device)
     return RebindResult(patched=True, device=str(device), comfyui_version=state["comfyui_version"])

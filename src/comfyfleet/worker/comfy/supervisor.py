@@ -220,7 +220,7 @@ class Backoff:
     base: float = 1.0
     cap: float = 30.0
     stable_after: float = 60.0
-    _failures: int = 0
+    _failures: int = field(default=0, init=False, repr=False)
 
     def next_delay(self, uptime: float | None) -> float:
         if uptime is not None and uptime >= self.stable_after:
@@ -354,9 +354,10 @@ class ComfyProcess(_Monitored):
         self.spec = replace(self.spec, env=env)
 
     async def start(self) -> None:
-        """Spawn ComfyUI, wait until it answers, then keep watching it."""
+        """Spawn ComfyUI, wait until it answers, then keep watching it; no-op while it runs."""
         async with self._lock:
-            await self._launch()
+            if self.pid is None:
+                await self._launch()
         if self._watchdog is None:
             self._watchdog = asyncio.create_task(self._watch(), name=f"comfy-watchdog-{self.spec.index}")
 
@@ -509,9 +510,9 @@ class ComfyProcess(_Monitored):
 
     async def _died(self, generation: int) -> None:
         proc = self._proc
-        if self._started_at is not None:
-            self.last_uptime = time.monotonic() - self._started_at
-            self._started_at = None
+        # None after a failed start, so a crash loop keeps backing off instead of starting over.
+        self.last_uptime = time.monotonic() - self._started_at if self._started_at is not None else None
+        self._started_at = None
         if proc is not None:
             self.last_error = f"ComfyUI exited with code {proc.returncode}"
             log.warning("ComfyUI slot %d died (code %s)", self.spec.index, proc.returncode)
@@ -523,7 +524,6 @@ class ComfyProcess(_Monitored):
             self._lost_reported = True
             await notify_slot_lost(self._on_lost, self.spec)
         await asyncio.sleep(self._backoff.next_delay(self.last_uptime))
-        self.last_uptime = None
         async with self._lock:
             if generation != self.generation:
                 return  # someone restarted it meanwhile
@@ -805,7 +805,10 @@ class Supervisor:
                 self._env[name] = value
         for process in self._processes:
             process.update_env(changes)
-        self.slots = [process.spec for process in self._processes] or self.slots
+        if self._processes:
+            self.slots = [process.spec for process in self._processes]
+        elif self._install_dir is not None:
+            self.slots = self._build_slots()
 
     async def restart_gpu(self, gpu: int | None) -> None:
         """Restart every slot of one GPU together (and its MPS daemon); reports each as lost."""
@@ -914,9 +917,7 @@ class Supervisor:
             relaunch = True
         finally:
             # Interrupted (e.g. cancelled by stop()): free the slots without starting them.
-            results = await asyncio.gather(
-                *(p.release(start=relaunch) for p in held), return_exceptions=True
-            )
+            results = await asyncio.gather(*(p.release(start=relaunch) for p in held), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             raise ComfyStartError(f"GPU {gpu}: " + "; ".join(str(e) for e in errors)) from errors[0]

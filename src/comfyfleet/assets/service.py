@@ -1,0 +1,212 @@
+"""Asset behaviour: storing uploaded bytes under their blake3 hash (dedup inside a tenant only),
+creating assets from a known hash, and the worker's two needs: staging an input to a local path and
+committing a produced file as an output, with retries and never a base64 fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mimetypes
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import blake3
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from comfyfleet.assets import repository as repo
+from comfyfleet.assets.repository import AssetRow, BlobRow
+from comfyfleet.errors import NotFound, Retryable, ValidationFailed
+from comfyfleet.runtime import Runtime
+from comfyfleet.security.media_fetch import canonical_content_type, sniff_content_type
+from comfyfleet.storage.base import StorageError, blob_key
+from comfyfleet.timeutil import utcnow
+from comfyfleet.worker.comfy.graph import sanitize_filename
+
+log = logging.getLogger(__name__)
+
+HASH_PREFIX = "blake3:"
+# Declared types the bytes must confirm (inputs reach ComfyUI's decoders).
+_CHECKED_FAMILIES = ("image/", "video/", "audio/")
+
+
+def parse_hash(value: str) -> str:
+    """``blake3:<64 hex>`` → the hex; a bad hash is a 422, not a lookup."""
+    value = value.strip().lower()
+    hex_part = value.removeprefix(HASH_PREFIX)
+    if not value.startswith(HASH_PREFIX) or len(hex_part) != 64 or any(c not in "0123456789abcdef" for c in hex_part):
+        raise ValidationFailed("A hash is 'blake3:' followed by 64 hex digits", code="invalid_request")
+    return hex_part
+
+
+def clean_file_path(raw: str | None) -> str | None:
+    """Only a file name survives: no folders, no traversal, into storage keys or ComfyUI."""
+    if raw is None or not raw.strip():
+        return None
+    return sanitize_filename(raw)
+
+
+def decide_content_type(declared: str | None, head: bytes, file_path: str | None) -> str:
+    """The recorded type: sniffed from the bytes when recognisable. A declared media type that the
+    bytes contradict is refused, so ComfyUI never receives a PNG that is not one."""
+    sniffed = sniff_content_type(head)
+    declared_type = canonical_content_type(declared) if declared else ""
+    if declared_type.startswith(_CHECKED_FAMILIES) and sniffed != declared_type:
+        if sniffed is None or sniffed.split("/")[0] != declared_type.split("/")[0] or not _compatible(declared_type, sniffed):
+            raise ValidationFailed(
+                f"Declared content type {declared_type} but the bytes are {sniffed or 'not a known media format'}",
+                code="content_type_mismatch",
+            )
+    if sniffed:
+        return sniffed
+    if declared_type and declared_type != "application/octet-stream":
+        return declared_type
+    guessed = mimetypes.guess_type(file_path or "")[0]
+    return guessed or "application/octet-stream"
+
+
+def _compatible(declared: str, sniffed: str) -> bool:
+    families = ({"video/mp4", "video/quicktime", "audio/mp4"}, {"video/webm", "audio/webm", "video/x-matroska"},
+                {"audio/ogg", "video/ogg"})
+    return declared == sniffed or any(declared in f and sniffed in f for f in families)
+
+
+@dataclass(frozen=True)
+class Stored:
+    asset: AssetRow
+    new_blob: bool
+    new_asset: bool
+
+
+async def store_blob(runtime: Runtime, tenant_id: str, path: Path, blob_hex: str, size: int, content_type: str) -> bool:
+    """Put the bytes in storage unless this tenant already has them. True when newly stored."""
+    async with runtime.engine.connect() as conn:
+        if await repo.get_blob(conn, tenant_id, HASH_PREFIX + blob_hex) is not None:
+            return False
+    key = blob_key(tenant_id, blob_hex)
+    await runtime.storage.put_file(key, str(path), content_type)
+    async with runtime.engine.begin() as conn:
+        return await repo.insert_blob(
+            conn, BlobRow(tenant_id=tenant_id, hash=HASH_PREFIX + blob_hex, size_bytes=size, storage_key=key,
+                          created_at=utcnow())
+        )
+
+
+async def record_asset(
+    conn: AsyncConnection,
+    *,
+    tenant_id: str,
+    blob_hash: str,
+    size: int,
+    content_type: str,
+    file_path: str | None,
+    tags: list[str] | None,
+    expires_at: datetime | None,
+    reuse: bool = True,
+) -> tuple[AssetRow, bool]:
+    """The tenant's asset for these bytes and name: reused (retention extended) or created."""
+    if reuse:
+        existing = await repo.find_asset_by_hash(conn, tenant_id, blob_hash, file_path=file_path)
+        if existing is not None:
+            if expires_at is not None:
+                await repo.extend_expiry(conn, tenant_id, existing.id, expires_at)
+            return existing, False
+    asset = AssetRow(
+        id=str(uuid.uuid4()), tenant_id=tenant_id, hash=blob_hash, size_bytes=size, content_type=content_type,
+        file_path=file_path, tags=tags or None, job_id=None, node_id=None, output_type=None,
+        created_at=utcnow(), expires_at=expires_at,
+    )
+    await repo.insert_asset(conn, asset)
+    return asset, True
+
+
+async def asset_from_hash(
+    conn: AsyncConnection, *, tenant_id: str, blob_hex: str, file_path: str | None, tags: list[str] | None,
+    retention_s: int, content_type: str | None = None,
+) -> Stored:
+    blob = await repo.get_blob(conn, tenant_id, HASH_PREFIX + blob_hex)
+    if blob is None:
+        raise NotFound("No blob with this hash", code="blob_not_found")
+    known = await repo.find_asset_by_hash(conn, tenant_id, blob.hash, file_path=None) if content_type is None else None
+    kind = content_type or (known.content_type if known else None) or "application/octet-stream"
+    asset, created = await record_asset(
+        conn, tenant_id=tenant_id, blob_hash=blob.hash, size=blob.size_bytes, content_type=kind,
+        file_path=file_path, tags=tags, expires_at=utcnow() + timedelta(seconds=retention_s),
+    )
+    return Stored(asset=asset, new_blob=False, new_asset=created)
+
+
+async def get_asset(conn: AsyncConnection, tenant_id: str, asset_id: str) -> AssetRow:
+    try:
+        uuid.UUID(asset_id)
+    except ValueError:
+        raise NotFound("Asset not found") from None
+    asset = await repo.get_asset(conn, tenant_id, asset_id)
+    if asset is None:
+        raise NotFound("Asset not found")
+    return asset
+
+
+# ---------------------------------------------------------------- the worker's side
+
+
+async def stage_asset(runtime: Runtime, asset: AssetRow, destination: Path) -> None:
+    """Stream an asset's bytes to a local file (the job's own input folder)."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    key = blob_key(asset.tenant_id, asset.hash.removeprefix(HASH_PREFIX))
+    partial = destination.with_name(destination.name + ".part")
+    try:
+        with partial.open("wb") as handle:
+            async for chunk in runtime.storage.open_read(key):
+                handle.write(chunk)
+        partial.replace(destination)
+    except StorageError as exc:
+        partial.unlink(missing_ok=True)
+        raise Retryable(f"Could not stage input {asset.id}: {exc}") from exc
+
+
+async def commit_output(
+    runtime: Runtime,
+    *,
+    tenant_id: str,
+    job_id: str,
+    job_expires_at: datetime,
+    path: Path,
+    node_id: str,
+    output_type: str,
+    name: str,
+    content_type: str | None = None,
+) -> AssetRow:
+    """Hash and store a produced file, and record it as an output asset of the job. Storage errors
+    are retried with backoff; after the last retry the caller gets ``Retryable`` (the job runs again)
+    — outputs only ever live in storage, never inline in a response."""
+    blob_hex, size, head = await asyncio.to_thread(_hash_file, path)
+    kind = content_type or sniff_content_type(head) or mimetypes.guess_type(name)[0] or "application/octet-stream"
+    attempts = max(1, runtime.settings.storage_retries)
+    for attempt in range(1, attempts + 1):
+        try:
+            await store_blob(runtime, tenant_id, path, blob_hex, size, kind)
+            break
+        except StorageError as exc:
+            if attempt == attempts:
+                raise Retryable(f"Storing output {name} failed after {attempts} attempts: {exc}") from exc
+            delay = min(8.0, 0.2 * 2 ** (attempt - 1))
+            log.warning("storing output %s failed (attempt %d/%d): %s; retrying in %.1fs", name, attempt, attempts, exc, delay)
+            await asyncio.sleep(delay)
+    async with runtime.engine.begin() as conn:
+        asset = AssetRow(
+            id=str(uuid.uuid4()), tenant_id=tenant_id, hash=HASH_PREFIX + blob_hex, size_bytes=size,
+            content_type=kind, file_path=sanitize_filename(name), tags=None, job_id=job_id, node_id=node_id,
+            output_type=output_type, created_at=utcnow(), expires_at=job_expires_at,
+        )
+        await repo.insert_asset(conn, asset)
+    return asset
+
+
+def _hash_file(path: Path) -> tuple[str, int, bytes]:
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    hasher.update_mmap(str(path))
+    with path.open("rb") as handle:
+        head = handle.read(512)
+    return hasher.hexdigest(), path.stat().st_size, head

@@ -1,0 +1,82 @@
+"""The local dispatcher's workers: one ComfyUI runner per slot, for ``comfyfleet serve``.
+
+With ``--comfyui-url`` the runner attaches to a ComfyUI run by something else (inputs go through
+``/upload``, outputs through ``/view``); with ``--comfyui-dir`` the supervisor starts one ComfyUI per
+slot with its own folders and port, and the runner reads and writes those folders directly. Each
+worker publishes ComfyUI's node catalog, so submissions are validated against it."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Awaitable, Callable
+
+from comfyfleet.jobs import repository as job_repo
+from comfyfleet.queue.executor import JobExecutor
+from comfyfleet.runtime import Runtime
+from comfyfleet.worker.comfy.client import ComfyClient
+from comfyfleet.worker.comfy.supervisor import ComfyProcess, Supervisor
+from comfyfleet.worker.runner import ComfyRunner, Slot
+
+Close = Callable[[], Awaitable[None]]
+
+
+def build_supervisor(runtime: Runtime) -> Supervisor:
+    settings = runtime.settings
+    if settings.comfyui_dir is not None:
+        return Supervisor(
+            install_dir=settings.comfyui_dir,
+            base_dir=settings.data_dir / "comfyui-slots",
+            base_port=settings.comfyui_base_port,
+            gpus=settings.comfyui_gpus,
+            slots_per_gpu=settings.comfyui_slots_per_gpu,
+            cpu_slots=settings.worker_slots,
+            env=settings.comfyui_slot_env,
+            use_mps=settings.comfyui_use_mps,
+            python=settings.comfyui_python,
+        )
+    return Supervisor(url=settings.comfyui_url)
+
+
+async def slots_from(supervisor: Supervisor, worker_name: str) -> list[Slot]:
+    slots: list[Slot] = []
+    for index, instance in enumerate(supervisor.instances):
+        client = ComfyClient(instance.url, client_id=f"comfyfleet-{worker_name}-{index}")
+        slot = Slot(name=f"{worker_name}-{index}", client=client, restart=_restarter(instance))
+        if isinstance(instance, ComfyProcess):
+            spec = instance.spec
+            slot.input_dir, slot.output_dir, slot.temp_dir = spec.input_dir, spec.output_dir, spec.temp_dir
+        slots.append(slot)
+    return slots
+
+
+def _restarter(instance: object) -> Callable[[], Awaitable[None]]:
+    async def restart() -> None:
+        await instance.restart()  # type: ignore[attr-defined]
+
+    return restart
+
+
+async def publish_catalog(runtime: Runtime, worker: str, client: ComfyClient) -> None:
+    object_info = await client.object_info(refresh=True)
+    async with runtime.engine.begin() as conn:
+        await job_repo.store_catalog(conn, worker, object_info)
+
+
+async def start_local_workers(runtime: Runtime) -> tuple[list[JobExecutor], Close]:
+    supervisor = build_supervisor(runtime)
+    await supervisor.start()
+    runtime.extras["supervisor"] = supervisor
+    worker = socket.gethostname()
+    slots = await slots_from(supervisor, worker)
+    if slots:
+        await publish_catalog(runtime, worker, slots[0].client)
+    runners: list[JobExecutor] = [ComfyRunner(runtime, slot) for slot in slots]
+
+    async def close() -> None:
+        for slot in slots:
+            with contextlib.suppress(Exception):
+                await slot.client.aclose()
+        await supervisor.stop()
+
+    return runners, close

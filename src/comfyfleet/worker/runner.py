@@ -1,0 +1,291 @@
+"""The ComfyUI job runner: the production ``JobExecutor``, one per ComfyUI slot.
+
+For one claimed job it stages the job's input assets into a folder of the job's own, rewrites the
+workflow (``core/ASSET`` references → those files, output prefixes forced into the job's folder,
+node classes and file references checked), submits it, follows ComfyUI's events (progress,
+previews, outputs committed as assets as soon as they exist), acts on cancel by interrupting that
+prompt, and answers with one outcome. The worker loop turns the outcome into one conditional
+transition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from comfyfleet.assets import repository as asset_repo
+from comfyfleet.assets import service as assets
+from comfyfleet.errors import Retryable, ValidationFailed
+from comfyfleet.queue.executor import Canceled, Failed, JobContext, Outcome, Retry, Succeeded
+from comfyfleet.runtime import Runtime
+from comfyfleet.worker.comfy import events as ev
+from comfyfleet.worker.comfy.catalog import NodeCatalog
+from comfyfleet.worker.comfy.client import ComfyClient, ComfyError, ComfyUnavailable, ComfyValidationError
+from comfyfleet.worker.comfy.graph import NodePolicy, find_asset_refs, prepare_for_run, sanitize_filename
+from comfyfleet.worker.outputs import output_type
+from comfyfleet.worker.progress import ProgressTracker
+
+log = logging.getLogger(__name__)
+
+JOBS_FOLDER = "jobs"
+
+
+@dataclass
+class Slot:
+    """One ComfyUI process the runner drives. ``input_dir``/``output_dir``/``temp_dir`` are set when
+    the files are on this machine (a supervised ComfyUI); otherwise inputs go through ``/upload`` and
+    outputs through ``/view``. ``restart`` is how a slot that ignores an interrupt gets reset."""
+
+    name: str
+    client: ComfyClient
+    input_dir: Path | None = None
+    output_dir: Path | None = None
+    temp_dir: Path | None = None
+    restart: Callable[[], Awaitable[None]] | None = None
+    jobs_run: int = 0
+    interrupts: list[float] = field(default_factory=list)  # cancel→interrupt latencies (s), for benchmarks
+
+
+class ComfyRunner:
+    def __init__(self, runtime: Runtime, slot: Slot) -> None:
+        self.runtime = runtime
+        self.slot = slot
+
+    async def policy(self) -> NodePolicy:
+        settings = self.runtime.settings
+        catalog = NodeCatalog(await self.slot.client.object_info())
+        policy = catalog.policy(
+            allowed=frozenset(settings.node_allow) if settings.node_allow is not None else None,
+        )
+        if settings.node_deny:
+            policy = NodePolicy(
+                allowed=policy.allowed, denied=policy.denied | frozenset(settings.node_deny),
+                catalog_classes=policy.catalog_classes, file_inputs=policy.file_inputs,
+                prefix_classes=policy.prefix_classes,
+            )
+        return policy
+
+    async def execute(self, ctx: JobContext) -> Outcome:
+        job = ctx.job
+        scratch = Path(tempfile.mkdtemp(prefix=f"cf-{job.id[:8]}-", dir=self._scratch_root()))
+        try:
+            try:
+                staged = await self._stage_inputs(ctx, scratch)
+                prompt = prepare_for_run(
+                    job.workflow, staged_inputs=staged, output_prefix=f"{JOBS_FOLDER}/{job.id}",
+                    policy=await self.policy(),
+                )
+            except ValidationFailed as exc:
+                return Failed(exc.code, exc.message, details=exc.details if isinstance(exc.details, dict) else None)
+            except (Retryable, ComfyUnavailable) as exc:
+                return Retry(str(exc))
+            if ctx.cancel_requested.is_set():
+                return Canceled()
+            return await _Run(self, ctx, prompt, scratch).run()
+        finally:
+            self.runtime.extras.get("latest_previews", {}).pop(job.id, None)
+            await asyncio.to_thread(self._clean, job.id, scratch)
+
+    def _scratch_root(self) -> str:
+        root = self.runtime.settings.data_dir / "worker"
+        root.mkdir(parents=True, exist_ok=True)
+        return str(root)
+
+    async def _stage_inputs(self, ctx: JobContext, scratch: Path) -> dict[str, str]:
+        """Each referenced asset (of the job's own tenant) into ``jobs/<job>/in/`` of ComfyUI's input
+        folder; returns asset id → the name ComfyUI will load."""
+        refs = find_asset_refs(ctx.job.workflow)
+        if not refs:
+            return {}
+        async with self.runtime.engine.connect() as conn:
+            found = {a.id: a for a in await asset_repo.get_assets(conn, ctx.job.tenant_id, [r.asset_id for r in refs])}
+        staged: dict[str, str] = {}
+        subfolder = f"{JOBS_FOLDER}/{ctx.job.id}/in"
+        for ref in refs:
+            if ref.asset_id in staged:
+                continue
+            asset = found.get(ref.asset_id)
+            if asset is None:
+                raise ValidationFailed(f"Input asset {ref.asset_id} does not exist", code="missing_asset")
+            name = f"{len(staged):02d}_{sanitize_filename(asset.file_path or 'input', default='input')}"
+            if self.slot.input_dir is not None:
+                await assets.stage_asset(self.runtime, asset, self.slot.input_dir / subfolder / name)
+                staged[asset.id] = f"{subfolder}/{name}"
+            else:
+                local = scratch / name
+                await assets.stage_asset(self.runtime, asset, local)
+                staged[asset.id] = await self.slot.client.upload_input(local, name=name, subfolder=subfolder,
+                                                                       overwrite=True)
+        return staged
+
+    def _clean(self, job_id: str, scratch: Path) -> None:
+        shutil.rmtree(scratch, ignore_errors=True)
+        for root in (self.slot.input_dir, self.slot.output_dir, self.slot.temp_dir):
+            if root is not None:
+                shutil.rmtree(root / JOBS_FOLDER / job_id, ignore_errors=True)
+
+
+class _Run:
+    """One prompt on ComfyUI, from submit to outcome."""
+
+    def __init__(self, runner: ComfyRunner, ctx: JobContext, prompt: dict[str, Any], scratch: Path) -> None:
+        self.runner = runner
+        self.runtime = runner.runtime
+        self.slot = runner.slot
+        self.ctx = ctx
+        self.prompt = prompt
+        self.scratch = scratch
+        self.prompt_id = f"{ctx.job.id}-{ctx.job.attempts}"
+        self.tracker = ProgressTracker({node_id: node["class_type"] for node_id, node in prompt.items()})
+        self.commits: list[asyncio.Task[None]] = []
+        self.committed: set[tuple[str, str, str]] = set()
+        self.cancel_sent_at: float | None = None
+
+    async def run(self) -> Outcome:
+        client = self.slot.client
+        try:
+            result = await client.submit(self.prompt, prompt_id=self.prompt_id,
+                                         extra_data=self.ctx.job.extra_data or None)
+        except ComfyValidationError as exc:
+            return Failed("invalid_workflow", f"ComfyUI rejected the workflow: {exc.message}",
+                          details={"comfyui_error": exc.error, "node_errors": exc.node_errors})
+        except ComfyError as exc:
+            return Retry(f"ComfyUI unavailable at submit: {exc.message}")
+        del result
+        self.slot.jobs_run += 1
+        cancel_watch = asyncio.create_task(self._on_cancel())
+        try:
+            terminal = await self._follow()
+        except ComfyUnavailable as exc:
+            return Retry(f"lost ComfyUI while running: {exc.message}")
+        finally:
+            cancel_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await cancel_watch
+        return await self._outcome(terminal)
+
+    async def _follow(self) -> ev.ComfyEvent | None:
+        terminal: ev.ComfyEvent | None = None
+        async for event in self.slot.client.follow(self.prompt_id):
+            if isinstance(event, ev.Succeeded | ev.Failed | ev.Interrupted | ev.Lost):
+                terminal = event
+            elif isinstance(event, ev.Preview):
+                await self._publish_preview(event)
+            elif isinstance(event, ev.Executed):
+                self._commit_files(event.node, event.output)
+            elif isinstance(event, ev.Done):
+                if event.recovered:  # events were lost: history has the outputs
+                    for node_id, ui in event.outputs.items():
+                        self._commit_files(str(node_id), ui)
+                terminal = terminal or _terminal_from_done(event)
+                break
+            snapshot = self.tracker.apply(event)
+            if snapshot is not None and self.ctx.report_progress is not None and not self.ctx.cancel_requested.is_set():
+                await self.ctx.report_progress(snapshot)
+        return terminal
+
+    async def _outcome(self, terminal: ev.ComfyEvent | None) -> Outcome:
+        if self.ctx.cancel_requested.is_set():
+            self._drop_commits()
+            return Canceled()
+        if isinstance(terminal, ev.Succeeded):
+            try:
+                await asyncio.gather(*self.commits)
+            except Retryable as exc:
+                return Retry(str(exc))
+            if self.ctx.report_progress is not None:
+                await self.ctx.report_progress(self.tracker.snapshot())
+            return Succeeded()
+        self._drop_commits()
+        if isinstance(terminal, ev.Failed):
+            return Failed(
+                "node_execution_error",
+                f"{terminal.node_type or 'node'} {terminal.node_id}: {terminal.exception_type}: {terminal.exception_message}",
+                node_id=terminal.node_id, class_type=terminal.node_type,
+                traceback="".join(terminal.traceback) or None,
+            )
+        if isinstance(terminal, ev.Interrupted):
+            return Retry("the prompt was interrupted by someone else")
+        return Retry(f"ComfyUI lost the prompt: {getattr(terminal, 'reason', 'unknown')}")
+
+    async def _on_cancel(self) -> None:
+        """Cancel: take the prompt out of ComfyUI's queue or interrupt it; when ComfyUI does not
+        confirm within the grace period, restart the slot so the GPU really stops."""
+        await self.ctx.cancel_requested.wait()
+        self.cancel_sent_at = time.monotonic()
+        try:
+            await self.slot.client.cancel(self.prompt_id)
+        except ComfyError:
+            log.warning("%s: cancel of %s could not reach ComfyUI", self.slot.name, self.prompt_id)
+        self.slot.interrupts.append(time.monotonic() - self.cancel_sent_at)
+        await asyncio.sleep(self.runtime.settings.comfyui_cancel_grace_s)
+        log.warning("%s: ComfyUI did not confirm the interrupt of %s; restarting the slot", self.slot.name,
+                    self.prompt_id)
+        if self.slot.restart is not None:
+            await self.slot.restart()
+
+    def _commit_files(self, node_id: str, ui_output: Any) -> None:
+        if self.ctx.cancel_requested.is_set():
+            return  # no output is committed once a cancel was accepted
+        for file in ev.iter_output_files({node_id: ui_output}):
+            identity = (file.type, file.subfolder, file.filename)
+            if identity not in self.committed:
+                self.committed.add(identity)
+                self.commits.append(asyncio.create_task(self._commit(file)))
+
+    async def _commit(self, file: ev.OutputFile) -> None:
+        path = self._local_path(file)
+        if path is None:
+            path = self.scratch / "out" / f"{len(self.committed)}_{sanitize_filename(file.filename)}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                await self.slot.client.download_output(file.filename, file.subfolder, file.type, path)
+            except ComfyError as exc:
+                raise Retryable(f"could not read output {file.filename}: {exc.message}") from exc
+        if self.ctx.cancel_requested.is_set():
+            return
+        job = self.ctx.job
+        asset = await assets.commit_output(
+            self.runtime, tenant_id=job.tenant_id, job_id=job.id, job_expires_at=job.expires_at, path=path,
+            node_id=file.node_id, output_type=output_type(file.media, file.filename), name=file.filename,
+        )
+        if self.ctx.publish is not None:
+            await self.ctx.publish("output", {"asset_id": asset.id})
+
+    def _local_path(self, file: ev.OutputFile) -> Path | None:
+        root = {"output": self.slot.output_dir, "temp": self.slot.temp_dir}.get(file.type)
+        if root is None:
+            return None
+        path = (root / file.subfolder / file.filename).resolve()
+        return path if path.is_relative_to(root.resolve()) and path.is_file() else None
+
+    def _drop_commits(self) -> None:
+        for task in self.commits:
+            task.cancel()
+
+    async def _publish_preview(self, event: ev.Preview) -> None:
+        content_type = "image/png" if event.format == "PNG" else "image/jpeg"
+        payload = {"node_id": event.node_id or "", "content_type": content_type,
+                   "data_base64": base64.b64encode(event.image).decode()}
+        self.runtime.extras.setdefault("latest_previews", {})[self.ctx.job.id] = payload
+        if self.ctx.publish is not None:
+            await self.ctx.publish("preview", payload)
+
+
+def _terminal_from_done(done: ev.Done) -> ev.ComfyEvent:
+    if done.outcome == "success":
+        return ev.Succeeded(done.prompt_id)
+    if done.outcome == "interrupted":
+        return ev.Interrupted(done.prompt_id, None, None)
+    if done.outcome == "error":
+        return ev.Failed(done.prompt_id, None, None, "error", "ComfyUI reported an error")
+    return ev.Lost(done.prompt_id, "lost")
