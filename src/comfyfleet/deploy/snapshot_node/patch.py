@@ -182,7 +182,7 @@ def check_device_lookup(
 ) -> DeviceLookupShape:
     """The shape when it is the expected one; otherwise ``SnapshotPatchError`` saying what differs."""
     shape = describe_device_lookup(tree)
-    if shape == expected:
+    if shape is not None and shape == expected:
         if version != EXPECTED_COMFYUI_VERSION:
             log.warning(
                 "comfyfleet snapshot patch: ComfyUI %s (written for %s), but %s() has the expected shape",
@@ -190,7 +190,6 @@ def check_device_lookup(
                 EXPECTED_COMFYUI_VERSION,
                 TARGET_FUNCTION,
             )
-        assert shape is not None
         return shape
     if shape is None:
         differences = [f"no single module-level `def {TARGET_FUNCTION}()`"]
@@ -250,12 +249,12 @@ def build_patched_code(source: str, filename: str, version: str | None) -> tuple
     )
     # Right after the def, so even the call ComfyUI makes while the module is still being imported
     # goes through the wrapper.
-    rebind = ast.parse(f"{TARGET_FUNCTION} = {_WRAP_ATTR}({TARGET_FUNCTION}, globals())").body[0]
+    wrap = ast.parse(f"{TARGET_FUNCTION} = {_WRAP_ATTR}({TARGET_FUNCTION}, globals())").body[0]
     line = function.end_lineno or function.lineno
-    for node in ast.walk(rebind):
+    for node in ast.walk(wrap):
         if isinstance(node, (ast.stmt, ast.expr)):
             node.lineno, node.end_lineno, node.col_offset, node.end_col_offset = line, line, 0, 0
-    tree.body.insert(index + 1, rebind)
+    tree.body.insert(index + 1, wrap)
     return compile(tree, filename, "exec"), shape
 
 
