@@ -69,6 +69,26 @@ class ModalSettings(BaseModel):
     custom_nodes_file: str | None = Field(None, description="Pinned custom nodes (one `name@version` a line).")
     inflight_cap: int = Field(64, description="Jobs dispatched to Modal and not yet finished, fleet-wide.")
     cancel_grace_s: float = Field(10.0, description="After this, FunctionCall.cancel() backs up a cancel.")
+    python_version: str = Field("3.11", description="Python of the image (comfyfleet and ComfyUI's venv).")
+    environment: Environment = Field(
+        "prod", description="COMFYFLEET_ENV of the Modal containers (set here, not in the secret)."
+    )
+    api_max_inputs: int = Field(100, description="Requests one API container serves at once.")
+    api_min_containers: int = Field(0, description="API containers kept warm (1 avoids its cold start).")
+    dispatch_interval_s: float = Field(1.0, description="Dispatcher pass period when nothing wakes it.")
+    dispatch_timeout_s: float = Field(
+        900.0, description="A spawn not claimed this long after dispatch is given back and dispatched again."
+    )
+    health_interval_s: float = Field(15.0, description="GPU worker's ComfyUI health check period.")
+    stuck_prompt_s: float | None = Field(
+        None, description="A prompt running longer than this makes the container sick; default job_timeout_s."
+    )
+    memory_growth_limit_mib: int | None = Field(
+        8192, description="Growth of a ComfyUI's memory since its first job that makes the container sick."
+    )
+    housekeeping_period_s: int = Field(
+        60, description="Period of the scheduled reaper/dispatcher/webhook sender (each run lasts this long)."
+    )
 
 
 class Settings(BaseSettings):

@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.config import Settings
 from comfyfleet.db.engine import create_engine
+from comfyfleet.jobs.catalog_cache import CatalogCache
 from comfyfleet.queue.bus import EventBus, create_bus
 from comfyfleet.storage.base import Storage
 
@@ -21,6 +22,7 @@ class Runtime:
     bus: EventBus
     storage: Storage
     extras: dict[str, Any] = field(default_factory=dict)
+    catalog_cache: CatalogCache = field(default_factory=CatalogCache)
 
     @classmethod
     async def create(cls, settings: Settings, *, storage: Storage | None = None) -> Runtime:
@@ -32,6 +34,18 @@ class Runtime:
 
             storage = storage_from_settings(settings)
         return cls(settings=settings, engine=engine, bus=bus, storage=storage)
+
+    @property
+    def reader(self) -> AsyncEngine:
+        """The engine for reads that need no transaction: on PostgreSQL in autocommit, which saves
+        the BEGIN and ROLLBACK round trips of every poll. SQLite keeps its own transactions."""
+        cached = self.extras.get("_reader")
+        if cached is None:
+            cached = self.engine
+            if self.engine.dialect.name == "postgresql":
+                cached = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+            self.extras["_reader"] = cached
+        return cached  # type: ignore[no-any-return]
 
     async def close(self) -> None:
         await self.bus.close()

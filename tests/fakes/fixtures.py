@@ -23,7 +23,9 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from tests.fakes.comfyui import Standin, run_standin
+pytest.register_assert_rewrite("tests.fakes.comfyui.transcripts")
+
+from tests.fakes.comfyui import Standin, run_standin  # noqa: E402
 
 COMFYUI_URL_ENV = "COMFYFLEET_TEST_COMFYUI_URL"
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -64,7 +64,7 @@ class KeyResolver:
             if key_codec.digests_match(plaintext, cached.digest, pepper):
                 return cached.principal
             raise Unauthorized("Invalid API key")
-        async with self._runtime.engine.connect() as conn:
+        async with self._runtime.reader.connect() as conn:
             found = await tenant_repo.key_by_lookup(conn, lookup)
             if found is None or found[0].revoked_at is not None:
                 raise Unauthorized("Invalid API key")

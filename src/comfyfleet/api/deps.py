@@ -52,7 +52,7 @@ async def unit_of_work(request: Request) -> AsyncIterator[UnitOfWork]:
 
 async def read_connection(request: Request) -> AsyncIterator[AsyncConnection]:
     """A connection for reads only: GET never writes."""
-    async with get_runtime(request).engine.connect() as conn:
+    async with get_runtime(request).reader.connect() as conn:
         yield conn
 
 

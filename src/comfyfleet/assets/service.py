@@ -148,6 +148,26 @@ async def get_asset(conn: AsyncConnection, tenant_id: str, asset_id: str) -> Ass
     return asset
 
 
+async def inline_bytes(runtime: Runtime, asset: AssetRow) -> bytes:
+    """An asset's bytes for an inline answer: only up to ``settings.inline_max_bytes`` (422 beyond),
+    so a large file can never swell a JSON response."""
+    limit = runtime.settings.inline_max_bytes
+    if asset.size_bytes > limit:
+        raise ValidationFailed(
+            f"The asset has {asset.size_bytes} bytes; inline answers carry at most {limit}",
+            code="inline_too_large", details={"size_bytes": asset.size_bytes, "inline_max_bytes": limit},
+        )
+    key = blob_key(asset.tenant_id, asset.hash.removeprefix(HASH_PREFIX))
+    buffer = bytearray()
+    try:
+        # The end bound keeps the read at the limit even if the stored object were larger than recorded.
+        async for chunk in runtime.storage.open_read(key, 0, limit - 1 if limit > 0 else 0):
+            buffer += chunk
+    except StorageError as exc:
+        raise Retryable(f"Could not read asset {asset.id}: {exc}") from exc
+    return bytes(buffer[: asset.size_bytes])
+
+
 # ---------------------------------------------------------------- the worker's side
 
 

@@ -19,7 +19,6 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
@@ -166,12 +165,18 @@ node_catalogs = Table(
     ts("updated_at", nullable=False),
 )
 
+# Per-tenant webhook endpoints. ``kind`` is "endpoint" for a URL the tenant registered, or "job_url"
+# for the tenant's one signing secret for per-job ``webhook_url`` deliveries (its ``url`` is empty and
+# its id is derived from the tenant id, so creating it twice collides on the primary key).
+# Secrets are AES-GCM ciphertext (webhooks.secrets), never plaintext.
 webhook_endpoints = Table(
     "webhook_endpoints",
     metadata,
     Column("id", String(36), primary_key=True),
-    Column("tenant_id", String(36), ForeignKey("tenants.id"), nullable=False, index=True),
+    Column("tenant_id", String(36), ForeignKey("tenants.id"), nullable=False),
+    Column("kind", String(16), nullable=False),
     Column("url", Text, nullable=False),
+    Column("description", Text, nullable=True),
     Column("events", JSON, nullable=False),
     Column("secret", Text, nullable=False),
     Column("previous_secret", Text, nullable=True),
@@ -179,15 +184,22 @@ webhook_endpoints = Table(
     Column("enabled", Boolean, nullable=False),
     Column("disabled_reason", Text, nullable=True),
     ts("created_at", nullable=False),
+    ts("updated_at", nullable=False),
+    Index("ix_webhook_endpoints_tenant_created", "tenant_id", "created_at", "id"),
 )
 
+# The outbox: one row per (event, destination), written in the transaction of the job's state change.
+# ``id`` is the webhook-id, the same across attempts. ``target`` names the destination the sender
+# isolates concurrency by (the endpoint, or tenant + URL digest for a per-job URL); ``locked_by`` /
+# ``locked_until`` are the lease a sender holds while one attempt is in flight.
 webhook_deliveries = Table(
     "webhook_deliveries",
     metadata,
-    Column("id", String(40), primary_key=True),  # the webhook-id, same across attempts
+    Column("id", String(40), primary_key=True),
     Column("tenant_id", String(36), nullable=False),
     Column("endpoint_id", String(36), nullable=True),
     Column("url", Text, nullable=True),  # per-job webhook_url when endpoint_id is null
+    Column("target", String(96), nullable=False),
     Column("event_type", String(64), nullable=False),
     Column("job_id", String(36), nullable=True),
     Column("payload", JSON, nullable=False),
@@ -199,7 +211,8 @@ webhook_deliveries = Table(
     ts("created_at", nullable=False),
     ts("delivered_at"),
     Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
-    UniqueConstraint("endpoint_id", "job_id", "event_type", "url", name="uq_webhook_deliveries_event"),
+    Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at", "id"),
+    Index("ix_webhook_deliveries_tenant_created", "tenant_id", "created_at"),
 )
 
 webhook_attempts = Table(
@@ -207,6 +220,7 @@ webhook_attempts = Table(
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("delivery_id", String(40), nullable=False, index=True),
+    Column("tenant_id", String(36), nullable=False),
     ts("attempted_at", nullable=False),
     Column("status_code", Integer, nullable=True),
     Column("error", Text, nullable=True),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, bindparam, case, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from comfyfleet.config import PlanLimits
@@ -48,6 +48,8 @@ class JobRow:
     progress: dict[str, Any] | None
     error: dict[str, Any] | None
     version: int
+    # Filled by the reads that compute it (``get_job``): queued jobs that run before this one.
+    queue_position: int | None = None
 
 
 def _row(mapping: Mapping[str, Any]) -> JobRow:
@@ -60,7 +62,31 @@ _SUMMARY = [c for c in jobs.columns if c.name not in ("workflow",)]
 
 def _summary_row(mapping: Mapping[str, Any]) -> JobRow:
     values = {c.name: mapping[c.name] for c in _SUMMARY}
-    return JobRow(workflow={}, **values)
+    return JobRow(workflow={}, queue_position=mapping.get("queue_position"), **values)
+
+
+def _position_of(job: Any) -> Any:
+    """Queued jobs (all tenants) that run before ``job`` by priority and age, as a correlated count."""
+    ahead = jobs.alias("ahead")
+    return (
+        select(func.count())
+        .select_from(ahead)
+        .where(
+            ahead.c.status == JobStatus.QUEUED.value,
+            or_(ahead.c.priority > job.c.priority,
+                and_(ahead.c.priority == job.c.priority, ahead.c.created_at < job.c.created_at)),
+        )
+        .scalar_subquery()
+    )
+
+
+# The poll path's statement, built once: one round trip answers the job and its queue position.
+_GET_JOB = for_tenant(
+    select(*_SUMMARY, case((jobs.c.status == JobStatus.QUEUED.value, _position_of(jobs)), else_=None)
+           .label("queue_position")),
+    jobs,
+    bindparam("tenant_id"),  # type: ignore[arg-type]
+).where(jobs.c.id == bindparam("job_id"))
 
 
 # ---------------------------------------------------------------- tenant-facing
@@ -68,12 +94,18 @@ def _summary_row(mapping: Mapping[str, Any]) -> JobRow:
 
 async def insert_job(conn: AsyncConnection, values: Mapping[str, Any]) -> None:
     """Insert a new queued job (values are complete; ``jobs.service`` builds them)."""
-    await conn.execute(jobs.insert().values(**values))
+    await conn.execute(jobs.insert(), dict(values))
+
+
+def row_from_values(values: Mapping[str, Any]) -> JobRow:
+    """The row an insert of ``values`` created, without reading it back."""
+    defaults = {c.name: None for c in jobs.columns}
+    return _row({**defaults, **values})
 
 
 async def get_job(conn: AsyncConnection, tenant_id: str, job_id: str) -> JobRow | None:
-    """One of the tenant's jobs, without its workflow."""
-    row = (await conn.execute(for_tenant(select(*_SUMMARY), jobs, tenant_id).where(jobs.c.id == job_id))).first()
+    """One of the tenant's jobs, without its workflow, with its queue position when queued."""
+    row = (await conn.execute(_GET_JOB, {"tenant_id": tenant_id, "job_id": job_id})).first()
     return _summary_row(row._mapping) if row else None
 
 
@@ -330,6 +362,84 @@ async def dispatched_count(conn: AsyncConnection) -> int:
     return int((await conn.execute(query)).scalar_one())
 
 
+async def set_call_id(conn: AsyncConnection, job_id: str, *, ref: str, call_id: str) -> bool:
+    """Remember the Modal call that carries dispatch ``ref``. Keyed by the ref, not the status: the
+    container may already have claimed the job when the spawn returns."""
+    result = await conn.execute(
+        update(jobs).where(jobs.c.id == job_id, jobs.c.dispatch_ref == ref).values(dispatch_call_id=call_id)
+    )
+    return result.rowcount == 1
+
+
+async def stale_dispatch_calls(
+    conn: AsyncConnection, *, older_than: datetime, limit: int = 100
+) -> list[tuple[str, str, str | None]]:
+    """Dispatched, still unclaimed jobs older than ``older_than``: (id, ref, call id)."""
+    rows = await conn.execute(
+        select(jobs.c.id, jobs.c.dispatch_ref, jobs.c.dispatch_call_id)
+        .where(
+            jobs.c.status == JobStatus.QUEUED,
+            jobs.c.dispatched_at.is_not(None),
+            jobs.c.dispatched_at < older_than,
+        )
+        .order_by(jobs.c.dispatched_at)
+        .limit(limit)
+    )
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+async def canceling_with_calls(
+    conn: AsyncConnection, *, requested_before: datetime, limit: int = 100
+) -> list[tuple[str, str]]:
+    """Jobs canceling since before ``requested_before`` whose Modal call is known: (id, call id)."""
+    rows = await conn.execute(
+        select(jobs.c.id, jobs.c.dispatch_call_id)
+        .where(
+            jobs.c.status == JobStatus.CANCELING,
+            jobs.c.cancel_requested_at < requested_before,
+            jobs.c.dispatch_call_id.is_not(None),
+        )
+        .limit(limit)
+    )
+    return [(r[0], r[1]) for r in rows]
+
+
+async def take_call_for_cancel(conn: AsyncConnection, job_id: str, *, call_id: str) -> bool:
+    """Take a canceling job's call id to cancel it (the id is cleared, so however many dispatchers
+    run, one cancels the call, once)."""
+    result = await conn.execute(
+        update(jobs)
+        .where(
+            jobs.c.id == job_id,
+            jobs.c.status == JobStatus.CANCELING,
+            jobs.c.dispatch_call_id == call_id,
+        )
+        .values(dispatch_call_id=None)
+    )
+    return result.rowcount == 1
+
+
+async def restore_call_id(conn: AsyncConnection, job_id: str, *, call_id: str) -> None:
+    """Put back a call id whose cancel did not go through, so a later pass tries again."""
+    await conn.execute(
+        update(jobs)
+        .where(jobs.c.id == job_id, jobs.c.status == JobStatus.CANCELING, jobs.c.dispatch_call_id.is_(None))
+        .values(dispatch_call_id=call_id)
+    )
+
+
+# Any fixed 64-bit number; it names the "one dispatch pass at a time" lock on PostgreSQL.
+_DISPATCH_LOCK_KEY = 0x636F6D6679666C74
+
+
+async def try_dispatch_lock(conn: AsyncConnection) -> bool:
+    """One dispatch pass at a time across API containers, so the fleet's in-flight cap is exact
+    (a transaction-scoped advisory lock on PostgreSQL; SQLite's write lock already serialises)."""
+    if conn.dialect.name != "postgresql":
+        return True
+    return bool((await conn.execute(select(func.pg_try_advisory_xact_lock(_DISPATCH_LOCK_KEY)))).scalar_one())
+
+
 async def renew_lease(
     conn: AsyncConnection, job_id: str, *, worker: str, lease_s: float, now: datetime
 ) -> str | None:
@@ -432,6 +542,10 @@ async def store_catalog(conn: AsyncConnection, worker: str, object_info: dict[st
     )
     if updated.rowcount == 0:
         await conn.execute(node_catalogs.insert().values(worker=worker, object_info=object_info, updated_at=now))
+
+
+async def latest_catalog_time(conn: AsyncConnection) -> datetime | None:
+    return (await conn.execute(select(func.max(node_catalogs.c.updated_at)))).scalar_one_or_none()
 
 
 async def latest_catalog(conn: AsyncConnection) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ from comfyfleet.assets import repository as asset_repo
 from comfyfleet.config import PlanLimits, Settings
 from comfyfleet.errors import NotFound, TooManyRequests, ValidationFailed
 from comfyfleet.jobs import repository as repo
+from comfyfleet.jobs.catalog_cache import CatalogCache
 from comfyfleet.jobs.repository import JobRow
 from comfyfleet.jobs.states import JobStatus
 from comfyfleet.tenants.repository import Tenant
@@ -68,10 +69,10 @@ def parse_labels(raw: object, max_pairs: int) -> dict[str, str] | None:
     return dict(raw)
 
 
-async def check_against_catalog(conn: AsyncConnection, workflow: dict[str, Any]) -> None:
+async def check_against_catalog(conn: AsyncConnection, cache: CatalogCache, workflow: dict[str, Any]) -> None:
     """Validate against the node catalog the workers published, when there is one."""
-    catalog = await repo.latest_catalog(conn)
-    if catalog:
+    catalog = await cache.get(conn)
+    if catalog is not None:
         validate_against_catalog(workflow, catalog)
 
 
@@ -101,28 +102,24 @@ async def create_job(
         )
     now = utcnow()
     job_id = str(uuid.uuid4())
-    await repo.insert_job(
-        conn,
-        {
-            "id": job_id,
-            "tenant_id": tenant.id,
-            "status": JobStatus.QUEUED,
-            "priority": plan.priority,
-            "workflow": request.workflow,
-            "extra_data": request.extra_data,
-            "labels": request.labels,
-            "webhook_url": request.webhook_url,
-            "created_at": now,
-            "expires_at": now + timedelta(seconds=plan.retention_s),
-            "queue_deadline_at": now + timedelta(seconds=plan.queue_deadline_s),
-            "attempts": 0,
-            "max_attempts": plan.max_attempts,
-            "version": 0,
-        },
-    )
-    job = await repo.get_job(conn, tenant.id, job_id)
-    assert job is not None
-    return job
+    values: dict[str, Any] = {
+        "id": job_id,
+        "tenant_id": tenant.id,
+        "status": JobStatus.QUEUED,
+        "priority": plan.priority,
+        "workflow": request.workflow,
+        "extra_data": request.extra_data,
+        "labels": request.labels,
+        "webhook_url": request.webhook_url,
+        "created_at": now,
+        "expires_at": now + timedelta(seconds=plan.retention_s),
+        "queue_deadline_at": now + timedelta(seconds=plan.queue_deadline_s),
+        "attempts": 0,
+        "max_attempts": plan.max_attempts,
+        "version": 0,
+    }
+    await repo.insert_job(conn, values)
+    return repo.row_from_values(values)
 
 
 async def get_job(conn: AsyncConnection, tenant_id: str, job_id: str) -> JobRow:

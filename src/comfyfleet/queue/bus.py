@@ -99,14 +99,14 @@ class PostgresBus(_LocalFanout):
         self._dsn = dsn
         self._listener: Any = None
         self._publisher: Any = None
-        self._lock = asyncio.Lock()
 
     async def start(self) -> None:
         import asyncpg
 
         self._listener = await asyncpg.connect(self._dsn)
         await self._listener.add_listener(NOTIFY_CHANNEL, self._on_notify)
-        self._publisher = await asyncpg.connect(self._dsn)
+        # A small pool: concurrent requests publish without queueing behind one connection.
+        self._publisher = await asyncpg.create_pool(self._dsn, min_size=1, max_size=4)
 
     async def close(self) -> None:
         for connection in (self._listener, self._publisher):
@@ -127,12 +127,11 @@ class PostgresBus(_LocalFanout):
         if len(payload) > NOTIFY_LIMIT or self._publisher is None:
             self.deliver(topic, message)
             return
-        async with self._lock:  # one asyncpg connection runs one statement at a time
-            try:
-                await self._publisher.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, payload)
-            except Exception:  # the bus is a hint; a lost notification is covered by polling
-                log.exception("pg_notify failed; delivering in-process only")
-                self.deliver(topic, message)
+        try:
+            await self._publisher.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, payload)
+        except Exception:  # the bus is a hint; a lost notification is covered by polling
+            log.exception("pg_notify failed; delivering in-process only")
+            self.deliver(topic, message)
 
 
 def asyncpg_dsn(sqlalchemy_url: str) -> str:

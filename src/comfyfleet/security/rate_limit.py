@@ -14,7 +14,7 @@ from typing import Literal
 
 from fastapi import Request
 from limits import RateLimitItem, parse
-from limits.aio.strategies import MovingWindowRateLimiter
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.storage import storage_from_string
 
 from comfyfleet.config import Settings
@@ -30,7 +30,8 @@ def storage_uri(configured: str) -> str:
 class RateLimiter:
     def __init__(self, settings: Settings) -> None:
         self._storage = storage_from_string(storage_uri(settings.rate_limit_storage))
-        self._limiter = MovingWindowRateLimiter(self._storage)
+        # A sliding window counter costs O(1) per hit; a moving window keeps every timestamp.
+        self._limiter = SlidingWindowCounterRateLimiter(self._storage)
         self._auth_item = parse(settings.auth_failure_rate)
         self._items: dict[str, RateLimitItem] = {}
 

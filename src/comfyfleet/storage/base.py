@@ -63,6 +63,14 @@ def check_range(start: int, end: int | None) -> None:
         raise ValueError(f"invalid byte range {start}-{end}")
 
 
+def check_content_type(content_type: str) -> str:
+    """Refuse control characters: a download response copies the value into a header, where CR/LF
+    would start a header of the caller's choosing."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in content_type):
+        raise ValueError("content_type contains control characters")
+    return content_type
+
+
 def content_disposition(filename: str, disposition: str = "attachment") -> str:
     """A ``Content-Disposition`` value that survives any filename (RFC 6266 + RFC 5987).
 

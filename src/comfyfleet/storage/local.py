@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from comfyfleet.errors import Forbidden
-from comfyfleet.storage.base import BlobNotFound, SignedUrl, StorageError, check_range, validate_key
+from comfyfleet.storage.base import (
+    BlobNotFound,
+    SignedUrl,
+    StorageError,
+    check_content_type,
+    check_range,
+    validate_key,
+)
 
 URL_PATH = "/api/v2/storage/local/"
 READ_CHUNK = 1 << 20
@@ -162,17 +169,15 @@ class LocalStorage:
         validate_key(key)
         if lifetime_s <= 0:
             raise ValueError("lifetime_s must be positive")
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in content_type):
-            # The route copies it into a response header: control characters would split the header.
-            raise ValueError("content_type contains control characters")
+        check_content_type(content_type)
         expires_at = int(self._clock()) + lifetime_s
-        token = self.sign(key, filename=filename, content_type=content_type, expires_at=expires_at)
+        token = self._sign(key, filename=filename, content_type=content_type, expires_at=expires_at)
         return SignedUrl(
             url=f"{self._base_url}{URL_PATH}{token}",
             expires_at=datetime.fromtimestamp(expires_at, UTC),
         )
 
-    def sign(self, key: str, *, filename: str, content_type: str, expires_at: int) -> str:
+    def _sign(self, key: str, *, filename: str, content_type: str, expires_at: int) -> str:
         """``<payload>.<mac>``, both base64url: URL-safe, so the token is one path segment."""
         payload = json.dumps([key, expires_at, filename, content_type], separators=(",", ":"))
         payload_b64 = _b64encode(payload.encode())

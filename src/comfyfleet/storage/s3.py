@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from comfyfleet.storage.base import (
     BlobNotFound,
     SignedUrl,
     StorageError,
+    check_content_type,
     check_range,
     content_disposition,
     validate_key,
@@ -61,22 +63,17 @@ class S3Storage:
         multipart_threshold: int = 64 * MiB,
         multipart_chunk: int = 16 * MiB,
         addressing_style: Literal["auto", "path", "virtual"] = "auto",
-        max_concurrency: int = 8,
+        max_concurrency: int = 4,
         io_threads: int = 16,
         max_attempts: int = 4,
         public_endpoint_url: str | None = None,
     ) -> None:
         """``public_endpoint_url``: where clients reach the store, when it differs from where this
         process does (e.g. ``http://seaweedfs:8333`` inside compose vs ``http://localhost:8333``);
-        presigned URLs are signed for that host. ``max_concurrency``: parallel parts per transfer."""
+        presigned URLs are signed for that host. ``max_concurrency``: parallel parts per transfer; a
+        transfer buffers at most about ``multipart_chunk * max_concurrency`` bytes."""
         self.bucket = bucket
         self._region = region
-        # None keys let boto3 use its usual chain (env, profile, instance role).
-        session = boto3.session.Session(
-            aws_access_key_id=access_key_id or None,
-            aws_secret_access_key=secret_access_key or None,
-            region_name=region or None,
-        )
         config = Config(
             signature_version="s3v4",
             s3={"addressing_style": addressing_style},
@@ -84,9 +81,16 @@ class S3Storage:
             # One connection per concurrent part across a few simultaneous transfers.
             max_pool_connections=max(10, io_threads, max_concurrency * 2),
         )
-        self._client: S3Client = session.client("s3", endpoint_url=endpoint_url, config=config)
-        self._presign_client: S3Client = (
-            session.client("s3", endpoint_url=public_endpoint_url, config=config)
+        client_args: dict[str, Any] = {
+            # None keys let boto3 use its usual chain (env, profile, instance role).
+            "aws_access_key_id": access_key_id or None,
+            "aws_secret_access_key": secret_access_key or None,
+            "region_name": region or None,
+            "config": config,
+        }
+        self._client = _new_client(endpoint_url=endpoint_url, **client_args)
+        self._presign_client = (
+            _new_client(endpoint_url=public_endpoint_url, **client_args)
             if public_endpoint_url
             else self._client
         )
@@ -202,6 +206,7 @@ class S3Storage:
         validate_key(key)
         if not 0 < lifetime_s <= MAX_URL_LIFETIME_S:
             raise ValueError(f"lifetime_s must be in 1..{MAX_URL_LIFETIME_S}")
+        check_content_type(content_type)
         expires_at = datetime.fromtimestamp(int(time.time()) + lifetime_s, UTC)
         with _translate("presign", key):
             # A worker thread because resolving credentials may hit the network (instance metadata).
@@ -217,6 +222,22 @@ class S3Storage:
                 ExpiresIn=lifetime_s,
             )
         return SignedUrl(url=url, expires_at=expires_at)
+
+
+_session_lock = threading.Lock()
+
+
+@functools.cache
+def _shared_session() -> boto3.session.Session:
+    return boto3.session.Session()
+
+
+def _new_client(**kwargs: Any) -> S3Client:
+    # A session caches the parsed S3 service model: a client from a shared session takes milliseconds,
+    # one from a fresh session a few hundred. Sessions are not thread-safe, hence the lock.
+    with _session_lock:
+        client: S3Client = _shared_session().client("s3", **kwargs)
+        return client
 
 
 def _error_code(exc: ClientError) -> str:

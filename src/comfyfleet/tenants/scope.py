@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from sqlalchemy import Delete, Select, Table, Update
+from sqlalchemy import BindParameter, Delete, Select, Table, Update
 
 Statement = TypeVar("Statement", bound=Select[Any] | Update | Delete)
 
 
-def for_tenant(statement: Statement, table: Table, tenant_id: str) -> Statement:
+def for_tenant(statement: Statement, table: Table, tenant_id: str | BindParameter[str]) -> Statement:
+    """``tenant_id`` is the caller's tenant, or a bind parameter for statements built once."""
     return statement.where(table.c.tenant_id == tenant_id)

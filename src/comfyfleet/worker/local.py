@@ -61,6 +61,7 @@ async def publish_catalog(runtime: Runtime, worker: str, client: ComfyClient) ->
     object_info = await client.object_info(refresh=True)
     async with runtime.engine.begin() as conn:
         await job_repo.store_catalog(conn, worker, object_info)
+    runtime.catalog_cache.invalidate()
 
 
 async def start_local_workers(runtime: Runtime) -> tuple[list[JobExecutor], Close]:

@@ -37,7 +37,7 @@ def _queued(item: QueueItem, status: str) -> dict[str, Any]:
 
 
 def _output_items(outputs: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-    items = []
+    items: list[tuple[str, str, dict[str, Any]]] = []
     for node_id, ui in outputs.items():
         for media, entries in ui.items():
             if isinstance(entries, list):
@@ -49,7 +49,7 @@ def _finished(prompt_id: str, entry: dict[str, Any], *, full: bool) -> dict[str,
     number, _pid, prompt, extra_data, _outputs = entry["prompt"]
     status = entry.get("status") or {}
     messages = {name: data for name, data in status.get("messages", [])}
-    end = next((messages[name] for name in _TERMINAL if name in messages), {})
+    end: dict[str, Any] = next((messages[name] for name in _TERMINAL if name in messages), {})
     job: dict[str, Any] = {
         "id": prompt_id,
         "status": "completed" if status.get("status_str") == "success" else "failed",

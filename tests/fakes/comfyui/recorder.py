@@ -1,9 +1,9 @@
 """A WebSocket client that records what a ComfyUI (stand-in or real) sends, in the transcripts' shape.
 
-    async with WsRecorder(url, client_id="abc") as rec:
-        ... POST /prompt ...
-        await rec.wait_done(prompt_id)
-        rec.types(prompt_id)   # ["execution_start", "execution_cached", ...]
+async with WsRecorder(url, client_id="abc") as rec:
+    ... POST /prompt ...
+    await rec.wait_done(prompt_id)
+    rec.types(prompt_id)   # ["execution_start", "execution_cached", ...]
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ class WsRecorder:
         await self.open()
         return self
 
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()
 
     async def open(self) -> None:
@@ -86,7 +88,11 @@ class WsRecorder:
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         async for message in ws:
             if message.type == aiohttp.WSMsgType.TEXT:
-                record: Record = {"t": time.monotonic() - self._t0, "kind": "text", **json.loads(message.data)}
+                record: Record = {
+                    "t": time.monotonic() - self._t0,
+                    "kind": "text",
+                    **json.loads(message.data),
+                }
             elif message.type == aiohttp.WSMsgType.BINARY:
                 record = {"t": time.monotonic() - self._t0, "kind": "binary", "binary": _binary(message.data)}
             else:
@@ -95,7 +101,9 @@ class WsRecorder:
                 self.messages.append(record)
                 self._changed.notify_all()
 
-    async def wait_for(self, predicate: Callable[[Record], bool], *, start: int = 0, timeout: float = 10.0) -> Record:
+    async def wait_for(
+        self, predicate: Callable[[Record], bool], *, start: int = 0, timeout: float = 10.0
+    ) -> Record:
         """The first text message from index ``start`` on that matches."""
         async with asyncio.timeout(timeout), self._changed:
             while True:
@@ -107,7 +115,11 @@ class WsRecorder:
     async def wait_done(self, prompt_id: str, timeout: float = 10.0) -> Record:
         """The ``executing{node: null, prompt_id}`` marker: history is written by then."""
         return await self.wait_for(
-            lambda m: m["type"] == "executing" and m["data"].get("node") is None and m["data"].get("prompt_id") == prompt_id,
+            lambda m: (
+                m["type"] == "executing"
+                and m["data"].get("node") is None
+                and m["data"].get("prompt_id") == prompt_id
+            ),
             timeout=timeout,
         )
 
@@ -115,12 +127,11 @@ class WsRecorder:
         return [m for m in self.messages if m["kind"] == "text"]
 
     def of_prompt(self, prompt_id: str, *, binary: bool = False) -> list[Record]:
-        """Messages carrying this prompt_id (binary frames too when asked: they carry none)."""
-        return [
-            m
-            for m in self.messages
-            if (m["kind"] == "text" and m["data"].get("prompt_id") == prompt_id) or (binary and m["kind"] == "binary")
-        ]
+        """Messages carrying this prompt_id; with ``binary``, also the frames (which carry none) sent
+        between its first and last message."""
+        from .transcripts import of_prompt
+
+        return of_prompt(self.messages, prompt_id, binary=binary)
 
     def types(self, prompt_id: str | None = None, *, binary: bool = False) -> list[str]:
         """Message types, ``executing:null`` for the done marker and ``BIN`` for binary frames."""

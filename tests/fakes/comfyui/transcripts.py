@@ -16,7 +16,8 @@ def load(name: str) -> dict[str, Any]:
     for folder in (SHARED, LOCAL):
         path = folder / f"{name}.json"
         if path.is_file():
-            return json.loads(path.read_text())
+            data: dict[str, Any] = json.loads(path.read_text())
+            return data
     raise FileNotFoundError(f"no transcript {name} in {SHARED} or {LOCAL}")
 
 
@@ -57,18 +58,32 @@ def type_names(messages: list[dict[str, Any]], *, binary: bool = True) -> list[s
     return names
 
 
-def of_prompt(messages: list[dict[str, Any]], prompt_id: str, *, binary: bool = False) -> list[dict[str, Any]]:
+Messages = list[dict[str, Any]]
+
+
+def of_prompt(messages: Messages, prompt_id: str, *, binary: bool = False) -> Messages:
+    """Messages carrying this prompt_id; with ``binary``, also the frames (which carry none) sent
+    between its first and last message."""
+    own = [
+        i for i, m in enumerate(messages) if m["kind"] == "text" and m["data"].get("prompt_id") == prompt_id
+    ]
+    if not own:
+        return []
     return [
         m
-        for m in messages
-        if (m["kind"] == "text" and m["data"].get("prompt_id") == prompt_id) or (binary and m["kind"] == "binary")
+        for i, m in enumerate(messages)
+        if i in own or (binary and m["kind"] == "binary" and own[0] < i < own[-1])
     ]
 
 
 def between(messages: list[dict[str, Any]], first: str, last: str) -> list[dict[str, Any]]:
     """From the first message of type ``first`` through the next of type ``last`` (both included)."""
     start = next(i for i, m in enumerate(messages) if m["kind"] == "text" and m["type"] == first)
-    end = next(i for i in range(start + 1, len(messages)) if messages[i]["kind"] == "text" and messages[i]["type"] == last)
+    end = next(
+        i
+        for i in range(start + 1, len(messages))
+        if messages[i]["kind"] == "text" and messages[i]["type"] == last
+    )
     return messages[start : end + 1]
 
 
@@ -110,7 +125,9 @@ def _kind(value: Any) -> str:
 def assert_same_shape(recorded: Any, actual: Any, path: str = "$") -> None:
     """Same keys at every level and the same JSON types (int and float told apart); list items are
     compared pairwise up to the shorter length."""
-    assert _kind(recorded) == _kind(actual), f"{path}: recorded {_kind(recorded)} {recorded!r:.80}, got {actual!r:.80}"
+    assert _kind(recorded) == _kind(actual), (
+        f"{path}: recorded {_kind(recorded)} {recorded!r:.80}, got {actual!r:.80}"
+    )
     if isinstance(recorded, dict):
         assert set(recorded) == set(actual), f"{path}: keys {sorted(recorded)} != {sorted(actual)}"
         for key in recorded:
@@ -120,18 +137,24 @@ def assert_same_shape(recorded: Any, actual: Any, path: str = "$") -> None:
             assert_same_shape(a, b, f"{path}[{index}]")
 
 
-def assert_same_messages(recorded: list[dict[str, Any]], actual: list[dict[str, Any]], *, binary: bool = True) -> None:
+def assert_same_messages(
+    recorded: list[dict[str, Any]], actual: list[dict[str, Any]], *, binary: bool = True
+) -> None:
     """Same message types in the same order, each with the recorded payload shape."""
     if not binary:
         recorded = [m for m in recorded if m["kind"] != "binary"]
         actual = [m for m in actual if m["kind"] != "binary"]
-    assert type_names(actual) == type_names(recorded)
+    expected, got = type_names(recorded), type_names(actual)
+    assert got == expected, f"\nrecorded: {expected}\nactual:   {got}"
     for index, (r, a) in enumerate(zip(recorded, actual, strict=True)):
         if r["kind"] == "text":
             assert_same_shape(r["data"], a["data"], f"message[{index}]<{r['type']}>")
 
 
-def recorded_http(transcript: dict[str, Any], path: str, method: str = "GET", occurrence: int = 0) -> dict[str, Any]:
+def recorded_http(
+    transcript: dict[str, Any], path: str, method: str = "GET", occurrence: int = 0
+) -> dict[str, Any]:
     """The ``occurrence``-th recorded exchange whose path starts with ``path``."""
     found = [h for h in transcript["http_responses"] if h["method"] == method and h["path"].startswith(path)]
-    return found[occurrence]
+    exchange: dict[str, Any] = found[occurrence]
+    return exchange

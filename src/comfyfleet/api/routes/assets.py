@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from datetime import timedelta
 from typing import Annotated, Any
@@ -20,7 +21,7 @@ from comfyfleet.assets.upload import parse_upload
 from comfyfleet.errors import Conflict, ValidationFailed
 from comfyfleet.jobs import idempotency
 from comfyfleet.runtime import Runtime
-from comfyfleet.storage.base import blob_key
+from comfyfleet.storage.base import blob_key, content_disposition
 from comfyfleet.storage.ranges import RangeNotSatisfiable, parse_range
 from comfyfleet.timeutil import utcnow
 
@@ -141,10 +142,23 @@ async def head_by_hash(blob_hash: str, principal: AssetsReader, conn: ReadConn) 
 
 
 @router.get("/{asset_id}")
-async def get_asset(asset_id: str, request: Request, principal: AssetsReader, conn: ReadConn) -> Json:
+async def get_asset(
+    asset_id: str, request: Request, principal: AssetsReader, conn: ReadConn, inline: bool = False
+) -> Json:
+    """The asset's metadata with a fresh short-lived ``url``.
+
+    ``?inline=true`` (our extension) also returns the bytes as ``data_base64``, for assets of at most
+    ``settings.inline_max_bytes``; a larger asset answers 422 ``inline_too_large`` rather than
+    silently leaving the field out, so a caller never mistakes a missing field for an empty file.
+    Bytes are never inlined unless asked for: the URL is the way to fetch content.
+    """
     runtime = get_runtime(request)
     asset = await service.get_asset(conn, principal.tenant_id, asset_id)
-    return Json(await asset_body(asset, storage=runtime.storage, lifetime_s=runtime.settings.url_lifetime_s))
+    body = await asset_body(asset, storage=runtime.storage, lifetime_s=runtime.settings.url_lifetime_s)
+    if inline:
+        data = await service.inline_bytes(runtime, asset)
+        body["data_base64"] = base64.b64encode(data).decode("ascii")
+    return Json(body)
 
 
 @router.get("/{asset_id}/content", response_model=None)
@@ -170,7 +184,9 @@ def stream_blob(
 ) -> Response:
     headers: dict[str, Any] = {
         "Accept-Ranges": "bytes",
-        "Content-Disposition": f'inline; filename="{filename}"',
+        # Names are sanitised but keep any script ("画像.png"): the RFC 6266 form keeps the header
+        # Latin-1 (what HTTP headers can carry) and quotes safe, with the exact name in filename*.
+        "Content-Disposition": content_disposition(filename, "inline"),
         "Cache-Control": "private, max-age=60",
     }
     try:

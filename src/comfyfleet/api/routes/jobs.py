@@ -36,7 +36,7 @@ async def render_job(conn: AsyncConnection, runtime: Runtime, job: JobRow, base:
     outputs: list[dict[str, Any]] = []
     position = None
     if job.status == JobStatus.QUEUED:
-        position = await job_repo.queue_position(conn, job)
+        position = job.queue_position if job.queue_position is not None else await job_repo.queue_position(conn, job)
     else:
         lifetime = runtime.settings.url_lifetime_s
         for asset in await asset_repo.outputs_for_job(conn, job.tenant_id, job.id):
@@ -69,7 +69,7 @@ async def submit_job(
     submit = service.parse_submit(body, runtime.settings, principal.plan)
     if submit.webhook_url is not None:
         await validate_webhook_url(runtime, submit.webhook_url, principal.tenant)
-    await service.check_against_catalog(conn, submit.workflow)
+    await service.check_against_catalog(conn, runtime.catalog_cache, submit.workflow)
     await service.check_assets(conn, principal.tenant_id, submit.workflow)
     job = await service.create_job(conn, principal.tenant, principal.plan, submit)
     if key is not None and not await idempotency.remember(
@@ -86,8 +86,8 @@ async def submit_job(
             raise ValidationFailed("Idempotency-Key conflict; retry", code="idempotency_key_reuse")
         return await _replay(conn, runtime, principal, remembered.resource_id, request)
 
+    # Nobody follows a job that did not exist before this commit: only the workers need telling.
     uow.after_commit(lambda: runtime.bus.publish(NEW_WORK, {"job_id": job.id}))
-    uow.after_commit(lambda: runtime.bus.publish(job_topic(job.id), {"kind": "status", "status": job.status}))
     return Json(await render_job(conn, runtime, job, base_url(request)), status_code=201)
 
 

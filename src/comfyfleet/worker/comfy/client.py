@@ -293,8 +293,12 @@ class ComfyClient:
         await self._expect_200("POST", "/interrupt")
 
     async def delete_queued(self, prompt_id: str) -> None:
-        """Take a pending prompt out of the queue; silently does nothing if it runs or is unknown."""
+        """Take a pending prompt out of the queue; silently does nothing if it runs or is unknown.
+        A followed prompt that is gone afterwards ends with ``Lost`` (it never reaches history)."""
         await self._expect_200("POST", "/queue", json={"delete": [prompt_id]})
+        sub = self._subs.get(prompt_id)
+        if sub is not None and not sub.done:
+            await self._reconcile(sub)
 
     async def _expect_200(self, method: str, path: str, **kwargs: Any) -> None:
         response = await self._request(method, path, **kwargs)
