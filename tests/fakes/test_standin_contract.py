@@ -647,7 +647,7 @@ async def test_13_misc_routes(standin: Standin, http: httpx.AsyncClient) -> None
         check_http(by_note[path], response)
         assert response.json() == by_note[path]["response_body"]
     assert (await http.get("/jobs")).status_code == 404
-    prompt = {
+    prompt: dict[str, Any] = {
         "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 1}},
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "m"}},
     }
@@ -674,6 +674,37 @@ async def test_13_misc_routes(standin: Standin, http: httpx.AsyncClient) -> None
     async with WsRecorder(standin.url) as anonymous:
         greeting = anonymous.messages[0]
         assert re.fullmatch(r"[0-9a-f]{32}", greeting["data"]["sid"])
+
+
+async def test_view_refuses_traversal(standin: Standin, http: httpx.AsyncClient) -> None:
+    (standin.output_dir / "x.png").write_bytes(b"png")
+    assert (await http.get("/view", params={"filename": "x.png", "type": "output"})).status_code == 200
+    assert (await http.get("/view", params={"filename": "../x.png", "type": "output"})).status_code == 400
+    assert (await http.get("/view", params={"filename": "/etc/passwd", "type": "output"})).status_code == 400
+    outside = {"filename": "x.png", "subfolder": "../..", "type": "output"}
+    assert (await http.get("/view", params=outside)).status_code == 403
+    assert (await http.get("/view", params={"filename": "x.png", "type": "bogus"})).status_code == 400
+
+
+async def test_control_routes(standin: Standin, http: httpx.AsyncClient) -> None:
+    config = await http.post(
+        "/__standin/config", json={"node_delays": {"ImageBlur": 0.01}, "hold": ["ImageBlur"]}
+    )
+    assert config.json()["node_delays"] == {"ImageBlur": 0.01} and config.json()["hold"] == ["ImageBlur"]
+    assert (await http.post("/__standin/config", json={"no_such_knob": 1})).status_code == 400
+    async with WsRecorder(standin.url, CLIENT) as ws:
+        prompt_id = await post_prompt(http, body_for(load("07_interrupt_targeted")["request"]))
+        await standin.wait_held("100")
+        assert (await http.get("/__standin/log")).json()["held_node"] == "100"
+        await http.post("/interrupt", json={"prompt_id": prompt_id})
+        assert (await http.post("/__standin/release", json={})).json()["hold"] == []
+        await ws.wait_done(prompt_id)
+        log = (await http.get("/__standin/log")).json()
+        assert [(p["prompt_id"], p["accepted"]) for p in log["prompts"]] == [(prompt_id, True)]
+        assert [(i["flag_set"], i["stopped_prompt_id"]) for i in log["interrupts"]] == [(True, prompt_id)]
+        assert (await http.post("/__standin/drop_ws", json={"client_id": CLIENT})).json() == {"dropped": True}
+    assert (await http.post("/__standin/log/clear")).status_code == 200
+    assert (await http.get("/__standin/log")).json()["prompts"] == []
 
 
 async def test_origin_guard(standin: Standin, http: httpx.AsyncClient) -> None:

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import mimetypes
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -157,15 +158,17 @@ async def inline_bytes(runtime: Runtime, asset: AssetRow) -> bytes:
             f"The asset has {asset.size_bytes} bytes; inline answers carry at most {limit}",
             code="inline_too_large", details={"size_bytes": asset.size_bytes, "inline_max_bytes": limit},
         )
+    if asset.size_bytes == 0:
+        return b""
     key = blob_key(asset.tenant_id, asset.hash.removeprefix(HASH_PREFIX))
     buffer = bytearray()
     try:
-        # The end bound keeps the read at the limit even if the stored object were larger than recorded.
-        async for chunk in runtime.storage.open_read(key, 0, limit - 1 if limit > 0 else 0):
+        # Bounded by the recorded size, so the read stays under the limit whatever the store holds.
+        async for chunk in runtime.storage.open_read(key, 0, asset.size_bytes - 1):
             buffer += chunk
     except StorageError as exc:
         raise Retryable(f"Could not read asset {asset.id}: {exc}") from exc
-    return bytes(buffer[: asset.size_bytes])
+    return bytes(buffer)
 
 
 # ---------------------------------------------------------------- the worker's side
@@ -197,10 +200,13 @@ async def commit_output(
     output_type: str,
     name: str,
     content_type: str | None = None,
-) -> AssetRow:
+    guard: Callable[[AsyncConnection], Awaitable[bool]] | None = None,
+) -> AssetRow | None:
     """Hash and store a produced file, and record it as an output asset of the job. Storage errors
     are retried with backoff; after the last retry the caller gets ``Retryable`` (the job runs again)
-    — outputs only ever live in storage, never inline in a response."""
+    — outputs only ever live in storage, never inline in a response. ``guard`` runs in the
+    transaction that records the asset; when it answers False nothing is recorded and None is
+    returned (the worker's way to commit no output once a cancel was accepted)."""
     blob_hex, size, head = await asyncio.to_thread(_hash_file, path)
     kind = content_type or sniff_content_type(head) or mimetypes.guess_type(name)[0] or "application/octet-stream"
     attempts = max(1, runtime.settings.storage_retries)
@@ -215,6 +221,8 @@ async def commit_output(
             log.warning("storing output %s failed (attempt %d/%d): %s; retrying in %.1fs", name, attempt, attempts, exc, delay)
             await asyncio.sleep(delay)
     async with runtime.engine.begin() as conn:
+        if guard is not None and not await guard(conn):
+            return None
         asset = AssetRow(
             id=str(uuid.uuid4()), tenant_id=tenant_id, hash=HASH_PREFIX + blob_hex, size_bytes=size,
             content_type=kind, file_path=sanitize_filename(name), tags=None, job_id=job_id, node_id=node_id,

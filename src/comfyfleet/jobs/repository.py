@@ -154,24 +154,29 @@ async def _batches(conn: AsyncConnection, query: Any, size: int) -> Any:
             return
 
 
+_COUNT_WAITING = for_tenant(
+    select(func.count()).select_from(jobs), jobs, bindparam("tenant_id")  # type: ignore[arg-type]
+).where(jobs.c.status == JobStatus.QUEUED.value)
+
+
 async def count_waiting(conn: AsyncConnection, tenant_id: str) -> int:
     """Queued jobs of a tenant (max_queued applies to these)."""
-    query = for_tenant(select(func.count()).select_from(jobs), jobs, tenant_id).where(
-        jobs.c.status == JobStatus.QUEUED
-    )
-    return int((await conn.execute(query)).scalar_one())
+    return int((await conn.execute(_COUNT_WAITING, {"tenant_id": tenant_id})).scalar_one())
+
+
+_QUEUE_POSITION = select(func.count()).select_from(jobs).where(
+    jobs.c.status == JobStatus.QUEUED.value,
+    or_(
+        jobs.c.priority > bindparam("priority"),
+        and_(jobs.c.priority == bindparam("priority"), jobs.c.created_at < bindparam("created_at")),
+    ),
+)
 
 
 async def queue_position(conn: AsyncConnection, job: JobRow) -> int:
     """Queued jobs (of all tenants) that run before this one by priority and age; 0 = next."""
-    query = select(func.count()).select_from(jobs).where(
-        jobs.c.status == JobStatus.QUEUED,
-        or_(
-            jobs.c.priority > job.priority,
-            and_(jobs.c.priority == job.priority, jobs.c.created_at < job.created_at),
-        ),
-    )
-    return int((await conn.execute(query)).scalar_one())
+    params = {"priority": job.priority, "created_at": job.created_at}
+    return int((await conn.execute(_QUEUE_POSITION, params)).scalar_one())
 
 
 async def cancel_queued(conn: AsyncConnection, tenant_id: str, job_id: str) -> JobRow | None:
@@ -458,6 +463,16 @@ async def renew_lease(
         )
     ).first()
     return row[0] if row else None
+
+
+async def lock_if_running(conn: AsyncConnection, job_id: str, *, worker: str) -> bool:
+    """True when the worker holds the job and it is still running (not canceling), with the row
+    locked until the transaction ends: whatever the caller writes in this transaction commits before
+    any cancel is accepted, or not at all. (SQLite's BEGIN IMMEDIATE already serialises writers.)"""
+    query = select(jobs.c.id).where(
+        jobs.c.id == job_id, jobs.c.lease_owner == worker, jobs.c.status == JobStatus.RUNNING
+    )
+    return (await conn.execute(query.with_for_update())).first() is not None
 
 
 async def read_status(conn: AsyncConnection, job_id: str) -> str | None:

@@ -41,8 +41,11 @@ class Subscription:
             self.queue.put_nowait(message)
 
     async def get(self, timeout: float | None = None) -> dict[str, Any] | None:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the item instead of raising
+        # when a cancel and a message arrive together, and a loop around get() then never stops.
         try:
-            return await asyncio.wait_for(self.queue.get(), timeout)
+            async with asyncio.timeout(timeout):
+                return await self.queue.get()
         except TimeoutError:
             return None
 

@@ -22,9 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from comfyfleet.assets import repository as asset_repo
 from comfyfleet.assets import service as assets
 from comfyfleet.errors import Retryable, ValidationFailed
+from comfyfleet.jobs import repository as job_repo
 from comfyfleet.queue.executor import Canceled, Failed, JobContext, Outcome, Retry, Succeeded
 from comfyfleet.runtime import Runtime
 from comfyfleet.worker.comfy import events as ev
@@ -195,7 +198,7 @@ class _Run:
 
     async def _outcome(self, terminal: ev.ComfyEvent | None) -> Outcome:
         if self.ctx.cancel_requested.is_set():
-            self._drop_commits()
+            await self._settle_commits()
             return Canceled()
         if isinstance(terminal, ev.Succeeded):
             try:
@@ -205,7 +208,7 @@ class _Run:
             if self.ctx.report_progress is not None:
                 await self.ctx.report_progress(self.tracker.snapshot())
             return Succeeded()
-        self._drop_commits()
+        await self._settle_commits()
         if isinstance(terminal, ev.Failed):
             return Failed(
                 "node_execution_error",
@@ -253,12 +256,19 @@ class _Run:
                 raise Retryable(f"could not read output {file.filename}: {exc.message}") from exc
         if self.ctx.cancel_requested.is_set():
             return
-        job = self.ctx.job
+        job, worker = self.ctx.job, self.ctx.worker
+
+        async def still_running(conn: AsyncConnection) -> bool:
+            # The flag above lags the database by up to a cancel poll; this check, in the asset's own
+            # transaction, is what keeps outputs from being committed after an accepted cancel.
+            return await job_repo.lock_if_running(conn, job.id, worker=worker)
+
         asset = await assets.commit_output(
             self.runtime, tenant_id=job.tenant_id, job_id=job.id, job_expires_at=job.expires_at, path=path,
             node_id=file.node_id, output_type=output_type(file.media, file.filename), name=file.filename,
+            guard=still_running,
         )
-        if self.ctx.publish is not None:
+        if asset is not None and self.ctx.publish is not None:
             await self.ctx.publish("output", {"asset_id": asset.id})
 
     def _local_path(self, file: ev.OutputFile) -> Path | None:
@@ -268,9 +278,13 @@ class _Run:
         path = (root / file.subfolder / file.filename).resolve()
         return path if path.is_relative_to(root.resolve()) and path.is_file() else None
 
-    def _drop_commits(self) -> None:
-        for task in self.commits:
-            task.cancel()
+    async def _settle_commits(self) -> None:
+        """Let commits in flight end on their own (they stop at the cancel checks) rather than cancel
+        them inside a database transaction or while the folders they read are being removed."""
+        results = await asyncio.gather(*self.commits, return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                log.warning("%s: output of %s not committed: %s", self.slot.name, self.prompt_id, result)
 
     async def _publish_preview(self, event: ev.Preview) -> None:
         content_type = "image/png" if event.format == "PNG" else "image/jpeg"

@@ -11,6 +11,7 @@ import asyncio
 import json
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from .config import StandinConfig
@@ -39,7 +40,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace, argv: list[str]) -> None:
-    base = (args.base_directory or Path.cwd()).resolve()
+    if args.base_directory is None:
+        # Folders not given on the command line live in a scratch "installation" removed at exit.
+        with tempfile.TemporaryDirectory(prefix="comfyui-standin-") as scratch:
+            await _serve(args, argv, Path(scratch))
+    else:
+        await _serve(args, argv, args.base_directory.resolve())
+
+
+async def _serve(args: argparse.Namespace, argv: list[str], base: Path) -> None:
     # ComfyUI puts its temp folder *inside* --temp-directory (main.py: <dir>/temp).
     temp = args.temp_directory.resolve() / "temp" if args.temp_directory else None
     dirs = make_dirs(

@@ -89,12 +89,6 @@ class Hub:
             # Only clients that negotiated the flag understand type 4 (transcripts 05 and 06).
             conn.send(modern if conn.feature_flags.get("supports_preview_metadata") else legacy)
 
-    def sid_of(self, ws: web.WebSocketResponse) -> str | None:
-        for sid, conn in self.sockets.items():
-            if conn.ws is ws:
-                return sid
-        return None
-
     async def close_all(self) -> None:
         for conn in list(self.sockets.values()):
             with contextlib.suppress(Exception):

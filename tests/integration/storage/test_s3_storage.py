@@ -53,9 +53,11 @@ def s3(seaweedfs: SeaweedFS) -> Iterator[S3Storage]:
 
 
 @pytest.fixture(scope="session")
-def raw(seaweedfs: SeaweedFS) -> Any:
+def raw(seaweedfs: SeaweedFS) -> Iterator[Any]:
     """A plain boto3 client, to look at what the backend did."""
-    return seaweedfs.client()
+    client = seaweedfs.client()
+    yield client
+    client.close()
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ def with_webhook_routes(app: FastAPI) -> FastAPI:
     return app
 
 
-class webhook_api(api_client):  # noqa: N801 - used like a function, as api_client is
+class webhook_api(api_client):
     def __init__(self, runtime: Runtime, *, background: bool = False) -> None:
         super().__init__(runtime, background=background)
         with_webhook_routes(self.app)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,9 +38,6 @@ class Delivery:
 class Answer:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
-
-
-Hook = Callable[[str], Awaitable[None]]
 
 
 class Receiver:

@@ -37,6 +37,9 @@ from comfyfleet.worker.comfy.events import (
     ProgressState,
     Started,
     Succeeded,
+    event_from_message,
+    parse_preview_frame,
+    terminal_from_history,
 )
 
 FOLLOW_TIMEOUT = 120.0  # generous for a real ComfyUI on a CPU; the stand-in takes milliseconds
@@ -470,3 +473,45 @@ async def test_health_and_server_information(comfy: ComfyClient) -> None:
     assert everything["EmptyImage"]["output"] == ["IMAGE"]
     assert list(await comfy.object_info("SaveImage")) == ["SaveImage"]
     assert await comfy.object_info("NoSuchNode") == {}
+
+
+# --- wire parsing (no server) ----------------------------------------------------------------------
+
+
+def test_terminal_events_are_rebuilt_from_history_entries() -> None:
+    def entry(status_str: str, *messages: list[Any]) -> dict[str, Any]:
+        return {
+            "status": {
+                "status_str": status_str,
+                "completed": status_str == "success",
+                "messages": list(messages),
+            }
+        }
+
+    start = ["execution_start", {"prompt_id": "p", "timestamp": 1}]
+    assert terminal_from_history(
+        "p", entry("success", start, ["execution_success", {"prompt_id": "p", "timestamp": 2}])
+    ) == Succeeded("p", 2)
+    error = {
+        "node_id": "3",
+        "node_type": "LoadImage",
+        "exception_type": "E",
+        "exception_message": "m\n",
+        "traceback": ["t"],
+        "executed": [],
+    }
+    failed = terminal_from_history("p", entry("error", start, ["execution_error", error]))
+    assert isinstance(failed, Failed) and (failed.node_id, failed.traceback) == ("3", ("t",))
+    stopped = {"node_id": "104", "node_type": "ImageBlur", "executed": ["1", "100"]}
+    interrupted = terminal_from_history("p", entry("error", start, ["execution_interrupted", stopped]))
+    assert interrupted == Interrupted("p", "104", "ImageBlur", ("1", "100"))
+
+
+def test_preview_frames_of_both_kinds_decode() -> None:
+    legacy = parse_preview_frame((1).to_bytes(4, "big") + (2).to_bytes(4, "big") + b"\x89PNG")
+    assert legacy is not None and (legacy.prompt_id, legacy.format, legacy.image) == (None, "PNG", b"\x89PNG")
+    meta = b'{"node_id": "9", "prompt_id": "p", "image_type": "image/jpeg"}'
+    modern = parse_preview_frame((4).to_bytes(4, "big") + len(meta).to_bytes(4, "big") + meta + b"\xff\xd8")
+    assert modern is not None and (modern.prompt_id, modern.node_id, modern.format) == ("p", "9", "JPEG")
+    assert parse_preview_frame((3).to_bytes(4, "big") + b"\x00\x00\x00\x01" + b"9text") is None
+    assert event_from_message("status", {}, "p") is None

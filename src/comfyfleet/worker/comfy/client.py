@@ -475,8 +475,12 @@ class ComfyClient:
         if self._ws_session is None:
             self._ws_session = aiohttp.ClientSession()
         ws = await self._ws_session.ws_connect(self._ws_url, heartbeat=30.0, max_msg_size=0)
-        # Must be the first message: previews then carry prompt_id and node_id (type 4 frames).
-        await ws.send_json({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
+        try:
+            # Must be the first message: previews then carry prompt_id and node_id (type 4 frames).
+            await ws.send_json({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
+        except BaseException:
+            await ws.close()
+            raise
         return ws
 
     async def _read_forever(self) -> None:
@@ -486,27 +490,35 @@ class ComfyClient:
                 ws = await self._open_ws()
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 self._last_ws_error = exc
-                await asyncio.sleep(self._reconnect_delays[min(attempt, len(self._reconnect_delays) - 1)])
-                attempt += 1
-                continue
-            attempt = 0
-            self._ws = ws
+            else:
+                self._ws = ws
+                try:
+                    await self._pump(ws)
+                except (aiohttp.ClientError, OSError) as exc:
+                    self._last_ws_error = exc
+                finally:
+                    if self._ready.is_set():
+                        attempt = 0  # it worked for a while: start backing off afresh
+                    self._ready.clear()
+                    self._ws = None
+                    with contextlib.suppress(Exception):
+                        await ws.close()
+                logger.info("ComfyUI WebSocket %s closed; reconnecting", self._ws_url)
+            await asyncio.sleep(self._reconnect_delays[min(attempt, len(self._reconnect_delays) - 1)])
+            attempt += 1
+
+    async def _pump(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        async for message in ws:
+            if message.type == aiohttp.WSMsgType.ERROR:
+                return
             try:
-                async for message in ws:
-                    if message.type == aiohttp.WSMsgType.TEXT:
-                        self._on_text(message.data)
-                    elif message.type == aiohttp.WSMsgType.BINARY:
-                        self._on_binary(message.data)
-                    elif message.type == aiohttp.WSMsgType.ERROR:
-                        break
-            except (aiohttp.ClientError, OSError) as exc:
-                self._last_ws_error = exc
-            finally:
-                self._ready.clear()
-                self._ws = None
-                with contextlib.suppress(Exception):
-                    await ws.close()
-            logger.info("ComfyUI WebSocket %s closed; reconnecting", self._ws_url)
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    self._on_text(message.data)
+                elif message.type == aiohttp.WSMsgType.BINARY:
+                    self._on_binary(message.data)
+            except Exception:
+                # One odd message must not kill the reader (and with it every follow()).
+                logger.exception("could not handle a ComfyUI message")
 
     def _on_text(self, raw: str) -> None:
         try:
