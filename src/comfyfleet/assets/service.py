@@ -207,7 +207,7 @@ async def commit_output(
     — outputs only ever live in storage, never inline in a response. ``guard`` runs in the
     transaction that records the asset; when it answers False nothing is recorded and None is
     returned (the worker's way to commit no output once a cancel was accepted)."""
-    blob_hex, size, head = await asyncio.to_thread(_hash_file, path)
+    blob_hex, size, head = await asyncio.to_thread(hash_file, path)
     kind = content_type or sniff_content_type(head) or mimetypes.guess_type(name)[0] or "application/octet-stream"
     attempts = max(1, runtime.settings.storage_retries)
     for attempt in range(1, attempts + 1):
@@ -232,9 +232,47 @@ async def commit_output(
     return asset
 
 
-def _hash_file(path: Path) -> tuple[str, int, bytes]:
+def hash_file(path: Path) -> tuple[str, int, bytes]:
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
     hasher.update_mmap(str(path))
     with path.open("rb") as handle:
         head = handle.read(512)
     return hasher.hexdigest(), path.stat().st_size, head
+
+
+# ---------------------------------------------------------------- from-url (our extension)
+
+# What a URL input may be: media ComfyUI loads. Sniffed from the bytes, never trusted from headers.
+URL_MEDIA_TYPES = frozenset({
+    "image/png", "image/jpeg", "image/webp", "image/gif", "image/tiff",
+    "video/mp4", "video/webm", "video/quicktime", "video/x-matroska",
+    "audio/wav", "audio/mpeg", "audio/flac", "audio/ogg", "audio/mp4",
+})
+FETCH_TOTAL_TIMEOUT_S = 120.0
+
+
+async def fetch_url_to_spool(runtime: Runtime, url: str, *, tenant_domains: list[str] | None,
+                             max_bytes: int) -> tuple[Path, str, str]:
+    """Download a tenant's media URL through the SSRF guard into the spool folder (the API tier, never
+    a GPU worker). Returns the file, its sniffed content type and the final URL."""
+    from comfyfleet.security.guarded_http import guarded_client
+    from comfyfleet.security.media_fetch import fetch_to_file
+    from comfyfleet.security.url_policy import url_policy
+
+    spool = runtime.settings.data_dir / "spool"
+    spool.mkdir(parents=True, exist_ok=True)
+    destination = spool / f"url-{uuid.uuid4().hex}"
+    policy = url_policy(runtime.settings, tenant_domains)
+    async with guarded_client(policy, purpose="media", max_body_bytes=max_bytes) as client:
+        fetched = await fetch_to_file(
+            client, url, destination, max_bytes=max_bytes, allowed_content_types=URL_MEDIA_TYPES,
+            total_timeout=FETCH_TOTAL_TIMEOUT_S,
+        )
+    return fetched.path, fetched.content_type, fetched.final_url
+
+
+def name_from_url(url: str) -> str | None:
+    from urllib.parse import unquote, urlsplit
+
+    last = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+    return sanitize_filename(last) if last else None

@@ -45,6 +45,8 @@ class AssetEnv:
     alice: TenantWithKey
     bob: TenantWithKey
     seaweedfs: SeaweedFS | None
+    # The backend as built, kept for inspection even when a test wraps ``runtime.storage``.
+    backend_storage: Storage
 
     async def upload(
         self,
@@ -64,7 +66,7 @@ class AssetEnv:
         )
 
     def keys(self, tenant: TenantWithKey) -> list[str]:
-        return stored_keys(self.runtime.storage, self.seaweedfs, f"tenants/{tenant.id}/")
+        return stored_keys(self.backend_storage, self.seaweedfs, f"tenants/{tenant.id}/")
 
     async def blob_count(self, tenant: TenantWithKey) -> int:
         async with self.runtime.engine.connect() as conn:
@@ -115,7 +117,7 @@ async def make_env(
             client = await stack.enter_async_context(api_client(runtime, background=False))
             alice = await make_tenant(runtime.engine, settings, "alice")
             bob = await make_tenant(runtime.engine, settings, "bob")
-            return AssetEnv(backend, runtime, client, alice, bob, weed)
+            return AssetEnv(backend, runtime, client, alice, bob, weed, runtime.storage)
 
         yield make
 

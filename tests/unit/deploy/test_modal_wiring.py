@@ -14,7 +14,7 @@ from typing import Any
 
 import modal
 import pytest
-from modal._partial_function import _PartialFunctionFlags
+from modal._partial_function import _find_partial_methods_for_user_cls, _PartialFunctionFlags
 
 from comfyfleet import config
 from comfyfleet.config import ModalSettings, Settings
@@ -43,7 +43,8 @@ def load_app(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., tuple[Mo
     """Import ``modal_app`` afresh with the given COMFYFLEET_* variables, recording what it asks Modal."""
     recorded = Recorded()
     real_cls, real_function, real_concurrent = modal.App.cls, modal.App.function, modal.concurrent
-    real_secret, real_volume, real_run = modal.Secret.from_name, modal.Volume.from_name, modal.Image.run_commands
+    real_secret, real_volume = modal.Secret.from_name, modal.Volume.from_name
+    real_run = modal.Image.run_commands
 
     def spy_cls(self: modal.App, **kwargs: Any) -> Any:
         recorded.cls = kwargs
@@ -53,9 +54,9 @@ def load_app(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., tuple[Mo
         decorator = real_function(self, **kwargs)
 
         def record(target: Any) -> Any:
-            function = decorator(target)
-            recorded.functions[function.info.function_name] = kwargs
-            return function
+            raw = target._get_raw_f() if hasattr(target, "_get_raw_f") else target  # asgi_app: a partial
+            recorded.functions[raw.__name__] = kwargs
+            return decorator(target)
 
         return record
 
@@ -101,13 +102,16 @@ def test_the_app_has_the_api_the_worker_class_and_the_schedule(load_app: Callabl
     module, _ = load_app()
     assert isinstance(module.app, modal.App) and module.app.name == "comfyfleet"
     assert isinstance(module.Worker, modal.Cls)
-    assert module.Worker._get_user_cls().__name__ == WORKER_CLASS  # the name the API spawns by
-    partials = module.Worker._get_partial_functions()
-    flags = {name: partial.flags for name, partial in partials.items()}
-    assert flags["start_comfyui"] & _PartialFunctionFlags.ENTER_PRE_SNAPSHOT
-    assert flags["bind_gpu"] & _PartialFunctionFlags.ENTER_POST_SNAPSHOT
-    assert flags[RUN_METHOD] & _PartialFunctionFlags.CALLABLE_INTERFACE
-    assert flags["stop"] & _PartialFunctionFlags.EXIT
+    user_cls = module.Worker._get_user_cls()
+    assert user_cls.__name__ == WORKER_CLASS  # the name the API spawns by
+
+    def methods(flag: _PartialFunctionFlags) -> set[str]:
+        return set(_find_partial_methods_for_user_cls(user_cls, flag))
+
+    assert methods(_PartialFunctionFlags.ENTER_PRE_SNAPSHOT) == {"start_comfyui"}
+    assert methods(_PartialFunctionFlags.ENTER_POST_SNAPSHOT) == {"bind_gpu"}
+    assert methods(_PartialFunctionFlags.CALLABLE_INTERFACE) == {RUN_METHOD}
+    assert methods(_PartialFunctionFlags.EXIT) == {"stop"}
     for function in (module.api, module.housekeeping, module.admin):
         assert isinstance(function, modal.Function)
 
@@ -131,7 +135,7 @@ def test_the_worker_gets_the_options_the_settings_ask_for(load_app: Callable[...
     assert worker_concurrency == {"max_inputs": 4}
 
 
-def test_secrets_are_named_by_the_settings_and_knobs_reach_the_containers(load_app: Callable[..., Any]) -> None:
+def test_secrets_are_named_by_settings_and_knobs_reach_the_containers(load_app: Callable[..., Any]) -> None:
     _, recorded = load_app(COMFYFLEET_MODAL__SECRET_NAMES='["cf-db","cf-storage"]')
     assert recorded.secrets == ["cf-db", "cf-storage"]
     for name in ("api", "housekeeping", "admin"):
@@ -170,9 +174,9 @@ def test_changing_a_setting_changes_the_option(load_app: Callable[..., Any]) -> 
     assert isinstance(schedule, modal.Period) and schedule.proto_message.period.seconds == 30
 
 
-def test_the_image_pins_comfyui_comfy_cli_and_custom_nodes(load_app: Callable[..., Any], tmp_path: Path) -> None:
+def test_the_image_pins_comfyui_comfy_cli_and_nodes(load_app: Callable[..., Any], tmp_path: Path) -> None:
     nodes = tmp_path / "nodes.txt"
-    nodes.write_text("# pinned nodes\nwas-node-suite-comfyui@1.0.2\ncomfyui-kjnodes@1.1.0  # for the resize node\n")
+    nodes.write_text("# pinned\nwas-node-suite-comfyui@1.0.2\ncomfyui-kjnodes@1.1.0  # resize node\n")
     _, recorded = load_app(
         COMFYFLEET_MODAL__COMFYUI_VERSION="0.8.0",
         COMFYFLEET_MODAL__COMFY_CLI_VERSION="1.5.3",

@@ -41,7 +41,7 @@ def monitor(probes: Probes, clock: FakeClock, sick_calls: list[str] | None = Non
             sick_calls.append(reason)
 
     return HealthMonitor(
-        probes, stuck_prompt_s=60, memory_growth_limit_mib=1000, on_sick=on_sick, unanswered_limit=3, clock=clock
+        probes, stuck_prompt_s=60, memory_growth_limit_mib=1000, on_sick=on_sick, clock=clock
     )
 
 

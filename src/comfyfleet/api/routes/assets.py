@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import asyncio
 import hashlib
 from datetime import timedelta
 from typing import Annotated, Any
@@ -127,6 +128,43 @@ async def asset_from_hash(request: Request, principal: AssetsWriter) -> Json:
             tags=parse_tags(tags), retention_s=principal.plan.retention_s,
         )
     return await _answer(runtime, stored)
+
+
+@router.post("/from-url")
+async def asset_from_url(request: Request, principal: AssetsWriter) -> Json:
+    """Our extension (the old ``media.url``): the API fetches the URL through the SSRF guard and stores
+    the bytes as an asset of the caller's tenant. Refused URLs are 422 ``url_not_allowed`` with the
+    reason, failed fetches 422 ``url_fetch_failed``."""
+    runtime = get_runtime(request)
+    await request.app.state.limiter.check(request, kind="submit", rate=principal.plan.submit_rate,
+                                          identity=principal.key_id)
+    body, _ = await read_json(request, runtime.settings.max_body_bytes)
+    if not isinstance(body, dict) or not isinstance(body.get("url"), str) or len(body["url"]) > 4096:
+        raise ValidationFailed("Send {\"url\": \"https://...\", \"file_path\"?: ..., \"tags\"?: [...]}",
+                               code="invalid_request")
+    file_path = body.get("file_path")
+    if file_path is not None and not isinstance(file_path, str):
+        raise ValidationFailed("'file_path' must be a string", code="invalid_request")
+    tags = body.get("tags")
+    if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+        raise ValidationFailed("'tags' must be a list of strings", code="invalid_request")
+    max_bytes = min(runtime.settings.media_max_bytes, principal.plan.max_upload_bytes)
+    path, content_type, final_url = await service.fetch_url_to_spool(
+        runtime, body["url"], tenant_domains=principal.tenant.url_allowed_domains, max_bytes=max_bytes
+    )
+    try:
+        blob_hex, size, _head = await asyncio.to_thread(service.hash_file, path)
+        new_blob = await service.store_blob(runtime, principal.tenant_id, path, blob_hex, size, content_type)
+        async with runtime.engine.begin() as conn:
+            asset, created = await service.record_asset(
+                conn, tenant_id=principal.tenant_id, blob_hash=service.HASH_PREFIX + blob_hex, size=size,
+                content_type=content_type,
+                file_path=service.clean_file_path(file_path) or service.name_from_url(final_url),
+                tags=parse_tags(tags), expires_at=utcnow() + timedelta(seconds=principal.plan.retention_s),
+            )
+    finally:
+        path.unlink(missing_ok=True)
+    return await _answer(runtime, service.Stored(asset, new_blob=new_blob, new_asset=created))
 
 
 @router.head("/by-hash/{blob_hash}")
