@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 BASELINE = ROOT / ".secrets.baseline"
 PLUGIN = ROOT / "scripts" / "secret_plugins" / "comfyfleet.py"
 BIN = os.path.dirname(sys.executable)
-# Lock files hold hashes that look like secrets and carry none.
-EXCLUDE = r"(^|/)(requirements.*\.lock|\.secrets\.baseline)$"
+# Lock files hold hashes, and the recorded ComfyUI transcripts prompt and client ids: they look like
+# secrets and carry none.
+EXCLUDE = r"(^|/)(requirements.*\.lock|\.secrets\.baseline)$|^tests/fakes/transcripts/"
 
 
 def tracked_files() -> list[str]:

@@ -39,13 +39,13 @@ class Runtime:
     def reader(self) -> AsyncEngine:
         """The engine for reads that need no transaction: on PostgreSQL in autocommit, which saves
         the BEGIN and ROLLBACK round trips of every poll. SQLite keeps its own transactions."""
-        cached = self.extras.get("_reader")
+        cached: AsyncEngine | None = self.extras.get("_reader")
         if cached is None:
             cached = self.engine
             if self.engine.dialect.name == "postgresql":
                 cached = self.engine.execution_options(isolation_level="AUTOCOMMIT")
             self.extras["_reader"] = cached
-        return cached  # type: ignore[no-any-return]
+        return cached
 
     async def close(self) -> None:
         await self.bus.close()

@@ -14,6 +14,7 @@ import json
 import re
 from collections.abc import AsyncIterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,6 +25,7 @@ from PIL import Image
 from tests.fakes.comfyui import Standin
 from tests.fakes.comfyui.recorder import WsRecorder
 from tests.fakes.comfyui.transcripts import (
+    LOCAL,
     assert_same_messages,
     assert_same_shape,
     between,
@@ -792,10 +794,19 @@ async def test_standin_runs_as_a_process_with_comfyui_flags(standin_process: Any
     assert (standin_process.root / "temp").is_dir()  # ComfyUI's temp folder lives *inside* --temp-directory
 
 
-@pytest.mark.parametrize(
-    "name", ["01_empty_image_save", "09_queue_delete_and_clear", "17_cache_and_per_job_prefix"]
-)
-def test_transcripts_are_kept_in_the_repository(name: str) -> None:
-    from tests.fakes.comfyui.transcripts import LOCAL
+USED = sorted(set(re.findall(r'load\("(\d\d_\w+)"\)', Path(__file__).read_text())))
 
+
+@pytest.mark.parametrize("name", USED)
+def test_the_replayed_transcripts_are_kept_in_the_repository(name: str) -> None:
+    """So this file also runs where shared/ is absent (transcripts.load falls back to these)."""
     assert (LOCAL / f"{name}.json").is_file()
+
+
+def test_transcripts_load_from_the_repository_without_shared(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from tests.fakes.comfyui import transcripts
+
+    monkeypatch.setattr(transcripts, "SHARED", tmp_path / "absent")
+    assert load("01_empty_image_save")["scenario"] == "01_empty_image_save"

@@ -39,7 +39,7 @@ class BlobRow:
     created_at: datetime
 
 
-def _asset(mapping: Mapping[str, Any]) -> AssetRow:
+def _asset(mapping: Mapping[Any, Any]) -> AssetRow:
     return AssetRow(**{c.name: mapping[c.name] for c in assets.columns})
 
 

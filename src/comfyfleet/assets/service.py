@@ -80,13 +80,17 @@ class Stored:
     new_asset: bool
 
 
-async def store_blob(runtime: Runtime, tenant_id: str, path: Path, blob_hex: str, size: int, content_type: str) -> bool:
-    """Put the bytes in storage unless this tenant already has them. True when newly stored."""
+async def store_blob(
+    runtime: Runtime, tenant_id: str, path: Path, blob_hex: str, size: int, content_type: str,
+    *, consume: bool = False,
+) -> bool:
+    """Put the bytes in storage unless this tenant already has them. True when newly stored.
+    ``consume``: the file is the caller's to give away (a spooled upload), see ``Storage.put_file``."""
     async with runtime.engine.connect() as conn:
         if await repo.get_blob(conn, tenant_id, HASH_PREFIX + blob_hex) is not None:
             return False
     key = blob_key(tenant_id, blob_hex)
-    await runtime.storage.put_file(key, str(path), content_type)
+    await runtime.storage.put_file(key, str(path), content_type, consume=consume)
     async with runtime.engine.begin() as conn:
         return await repo.insert_blob(
             conn, BlobRow(tenant_id=tenant_id, hash=HASH_PREFIX + blob_hex, size_bytes=size, storage_key=key,

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -42,7 +41,6 @@ WORKER_CLASS = "Worker"
 RUN_METHOD = "run_job"
 
 MAX_BACKOFF_S = 30.0
-WEBHOOK_SENDER_MODULE = "comfyfleet.webhooks.sender"
 
 
 class Spawner(Protocol):
@@ -92,10 +90,6 @@ class DispatchReport:
     redispatched: list[str] = field(default_factory=list)
     cancels_sent: list[str] = field(default_factory=list)
     skipped_locked: bool = False
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.dispatched or self.spawn_failed or self.redispatched or self.cancels_sent)
 
 
 async def dispatch_once(runtime: Runtime, spawner: Spawner, now: datetime | None = None) -> DispatchReport:
@@ -203,7 +197,7 @@ def spawner_for(runtime: Runtime) -> Spawner:
     """The spawner a runtime was given (tests), else the deployed Modal app's."""
     provided = runtime.extras.get("spawner")
     if provided is not None:
-        return provided  # type: ignore[no-any-return]
+        return cast(Spawner, provided)
     return ModalSpawner(runtime.settings.modal.app_name)
 
 
@@ -232,33 +226,20 @@ async def run_housekeeping(runtime: Runtime, duration_s: float) -> None:
     """What the scheduled Modal function runs for ``duration_s``: reaper, dispatcher and webhook sender.
 
     The API container runs the reaper and the dispatcher too, but only while it serves requests; this
-    keeps jobs moving (leases, deadlines, dispatch, webhooks) when no client is polling.
+    keeps jobs moving (leases, deadlines, dispatch, webhooks) when no client is polling. Two runs that
+    overlap are harmless: jobs move by conditional UPDATEs and outbox attempts are claimed by lease.
     """
     from comfyfleet.queue.reaper import run_reaper
+    from comfyfleet.webhooks.sender import run_sender
 
     stop = asyncio.Event()
-    loops = [run_reaper(runtime, stop), run_modal_dispatcher(runtime, stop)]
-    sender = _webhook_sender()
-    if sender is not None:
-        loops.append(sender(runtime, stop))
+    loops = [run_reaper(runtime, stop), run_modal_dispatcher(runtime, stop), run_sender(runtime, stop)]
     tasks = [asyncio.ensure_future(loop) for loop in loops]
     try:
         await _wait(stop.wait(), duration_s)
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _webhook_sender() -> Any:
-    """``comfyfleet.webhooks.sender.run_sender(runtime, stop)`` once the webhooks work provides it."""
-    try:
-        sender = importlib.import_module(WEBHOOK_SENDER_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != WEBHOOK_SENDER_MODULE:
-            raise
-        log.warning("no webhook sender (%s) in this build; webhooks wait", WEBHOOK_SENDER_MODULE)
-        return None
-    return getattr(sender, "run_sender", None)
 
 
 async def _either(*awaitables: Any) -> None:

@@ -135,7 +135,7 @@ EXTRA_MODEL_PATHS = "comfyfleet:\n  base_path: " + MODELS_DIR + "\n" + "".join(
 def base_image(settings: Settings) -> modal.Image:
     """Python and comfyfleet's pinned dependencies: the API and housekeeping run on this."""
     image = modal.Image.debian_slim(python_version=settings.modal.python_version)
-    if not _LOCKFILE.exists():
+    if modal.is_local() and not _LOCKFILE.exists():
         # Fail the build, not the import: tests and `modal deploy --help` still work without it.
         message = shlex.quote(f"missing {_LOCKFILE.name}: run `make lock`")
         return image.run_commands(f"echo {message} >&2; exit 1")
@@ -156,7 +156,8 @@ def gpu_image(settings: Settings) -> modal.Image:
             f"{comfy} install --fast-deps --nvidia --version {shlex.quote(knobs.comfyui_version)}",
         )
     )
-    nodes = custom_node_specs(knobs.custom_nodes_file)
+    # Containers import this module too, without the deploy machine's files; they do not build images.
+    nodes = custom_node_specs(knobs.custom_nodes_file) if modal.is_local() else []
     if nodes:
         image = image.run_commands(*(f"{comfy} node install --fast-deps {shlex.quote(s)}" for s in nodes))
     model_paths = shlex.quote(f"{COMFYUI_DIR}/extra_model_paths.yaml")

@@ -23,7 +23,7 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +55,7 @@ MPS_DIR = "/tmp/comfyfleet/mps"  # noqa: S108
 UNANSWERED_LIMIT = 3  # consecutive failed /system_stats probes of one slot that make the container sick
 FRESH_CHECK_S = 1.0  # a health check this recent is reused by the next job instead of probing again
 RESTORE_TIMEOUT_S = 180.0
+OWN_ENV_PREFIX = "COMFYFLEET_"
 
 # Modules imported before the snapshot, so a restored container does not pay for them.
 HEAVY_MODULES = (
@@ -380,13 +381,22 @@ def import_heavy_modules() -> None:
             importlib.import_module(name)
 
 
-def slot_env(settings: Settings, mps: MpsDaemon | None) -> dict[str, str]:
+def slot_env(
+    settings: Settings, mps: MpsDaemon | None, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """Environment of every ComfyUI slot: threads per slot, snapshot mode, and MPS's pipe folder,
-    which must be there when the process starts even though the daemon starts after the restore."""
+    which must be there when the process starts even though the daemon starts after the restore.
+
+    Our secrets reach this container as COMFYFLEET_* variables, and a slot inherits the container's
+    environment; ComfyUI and its third-party custom nodes have no use for them, so they are blanked.
+    """
     from comfyfleet.deploy.snapshot_node.patch import ENV_VAR
 
+    inherited = os.environ if environ is None else environ
+    env = {name: "" for name in inherited if name.startswith(OWN_ENV_PREFIX)}
     threads = str(settings.modal.threads_per_slot)
-    env = {**settings.comfyui_slot_env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, ENV_VAR: "1"}
+    env.update(settings.comfyui_slot_env)
+    env.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, ENV_VAR: "1"})
     if mps is not None:
         client = mps.client_env()
         env["CUDA_MPS_PIPE_DIRECTORY"] = client["CUDA_MPS_PIPE_DIRECTORY"]

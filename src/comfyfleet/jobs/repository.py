@@ -52,7 +52,7 @@ class JobRow:
     queue_position: int | None = None
 
 
-def _row(mapping: Mapping[str, Any]) -> JobRow:
+def _row(mapping: Mapping[Any, Any]) -> JobRow:
     return JobRow(**{c.name: mapping[c.name] for c in jobs.columns})
 
 
@@ -60,7 +60,7 @@ def _row(mapping: Mapping[str, Any]) -> JobRow:
 _SUMMARY = [c for c in jobs.columns if c.name not in ("workflow",)]
 
 
-def _summary_row(mapping: Mapping[str, Any]) -> JobRow:
+def _summary_row(mapping: Mapping[Any, Any]) -> JobRow:
     values = {c.name: mapping[c.name] for c in _SUMMARY}
     return JobRow(workflow={}, queue_position=mapping.get("queue_position"), **values)
 
@@ -85,7 +85,7 @@ _GET_JOB = for_tenant(
     select(*_SUMMARY, case((jobs.c.status == JobStatus.QUEUED.value, _position_of(jobs)), else_=None)
            .label("queue_position")),
     jobs,
-    bindparam("tenant_id"),  # type: ignore[arg-type]
+    bindparam("tenant_id"),
 ).where(jobs.c.id == bindparam("job_id"))
 
 
@@ -155,7 +155,7 @@ async def _batches(conn: AsyncConnection, query: Any, size: int) -> Any:
 
 
 _COUNT_WAITING = for_tenant(
-    select(func.count()).select_from(jobs), jobs, bindparam("tenant_id")  # type: ignore[arg-type]
+    select(func.count()).select_from(jobs), jobs, bindparam("tenant_id")
 ).where(jobs.c.status == JobStatus.QUEUED.value)
 
 
@@ -560,7 +560,8 @@ async def store_catalog(conn: AsyncConnection, worker: str, object_info: dict[st
 
 
 async def latest_catalog_time(conn: AsyncConnection) -> datetime | None:
-    return (await conn.execute(select(func.max(node_catalogs.c.updated_at)))).scalar_one_or_none()
+    latest: datetime | None = (await conn.execute(select(func.max(node_catalogs.c.updated_at)))).scalar_one_or_none()
+    return latest
 
 
 async def latest_catalog(conn: AsyncConnection) -> dict[str, Any] | None:

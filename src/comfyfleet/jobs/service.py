@@ -86,7 +86,7 @@ async def check_assets(conn: AsyncConnection, tenant_id: str, workflow: dict[str
         raise ValidationFailed(
             "The workflow references assets that do not exist",
             code="missing_asset",
-            details={"missing": [{"node_id": r.node_id, "input": r.input_name, "id": r.asset_id} for r in missing]},
+            details={"missing": [{"node_id": r.node_id, "input": r.input, "id": r.asset_id} for r in missing]},
         )
 
 

@@ -73,4 +73,4 @@ class RateLimiter:
         await self._limiter.hit(self._auth_item, "auth", address)
 
     async def reset(self) -> None:
-        await self._storage.reset()
+        await self._storage.reset()  # type: ignore[misc]  # limits types the sync and async storages as one

@@ -88,8 +88,13 @@ class Storage(Protocol):
     for a key ``validate_key`` refuses.
     """
 
-    async def put_file(self, key: str, path: str, content_type: str) -> None:
-        """Store the file at ``path`` under ``key`` (multipart for large files on S3)."""
+    async def put_file(self, key: str, path: str, content_type: str, *, consume: bool = False) -> None:
+        """Store the file at ``path`` under ``key`` (multipart for large files on S3).
+
+        ``consume``: the caller hands the file over (it only deletes it afterwards, never writes to it
+        again), so a backend may adopt it instead of copying it; whether a file is left at ``path``
+        afterwards is then unspecified. Without it the source is only read.
+        """
 
     async def exists(self, key: str) -> bool: ...
 

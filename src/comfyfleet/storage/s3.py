@@ -136,7 +136,8 @@ class S3Storage:
 
     # -- blobs -------------------------------------------------------------------------------------
 
-    async def put_file(self, key: str, path: str, content_type: str) -> None:
+    async def put_file(self, key: str, path: str, content_type: str, *, consume: bool = False) -> None:
+        # ``consume`` changes nothing here: the upload reads the file either way.
         validate_key(key)
         with _translate("put", key):
             # upload_file switches to a parallel multipart upload above multipart_threshold.

@@ -13,4 +13,4 @@ Statement = TypeVar("Statement", bound=Select[Any] | Update | Delete)
 
 def for_tenant(statement: Statement, table: Table, tenant_id: str | BindParameter[str]) -> Statement:
     """``tenant_id`` is the caller's tenant, or a bind parameter for statements built once."""
-    return statement.where(table.c.tenant_id == tenant_id)
+    return statement.where(table.c.tenant_id == tenant_id)  # type: ignore[return-value]  # .where keeps the type

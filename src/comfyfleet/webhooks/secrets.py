@@ -26,7 +26,7 @@ from standardwebhooks import Webhook
 
 from comfyfleet.config import Settings
 
-SECRET_PREFIX = "whsec_"
+SECRET_PREFIX = "whsec_"  # pragma: allowlist secret (the format prefix, not a secret)
 SECRET_BYTES = 32
 _NONCE_BYTES = 12
 _FORMAT = "v1"  # ciphertext format marker, so the scheme can change without guessing

@@ -74,12 +74,22 @@ async def check_webhook_url(settings: Settings, url: object, tenant: Tenant) -> 
     return url
 
 
-async def validate_webhook_url(runtime: Runtime, url: str, tenant: Tenant) -> None:
-    """Submit-time check of a job's ``webhook_url``: the guard accepts it, and the tenant has a signing
-    secret for per-job URLs (deliveries are always signed; see ``create_job_url_secret``)."""
+async def validate_webhook_url(
+    runtime: Runtime, url: str, tenant: Tenant, conn: AsyncConnection | None = None
+) -> None:
+    """Submit-time check of a job's ``webhook_url``: the guard accepts it (422 ``url_not_allowed``).
+
+    With ``conn`` (the submit's own transaction) it also requires the tenant's job URL secret, since
+    every delivery is signed (422 ``webhook_secret_missing``). The check needs the caller's
+    connection: a second one would wait on SQLite for the write lock the submit already holds.
+    """
     await check_webhook_url(runtime.settings, url, tenant)
-    async with runtime.engine.connect() as conn:
-        row = await repo.get_endpoint(conn, tenant.id, job_url_secret_id(tenant.id), kind=repo.KIND_JOB_URL)
+    if conn is not None:
+        await require_job_url_secret(conn, tenant.id)
+
+
+async def require_job_url_secret(conn: AsyncConnection, tenant_id: str) -> None:
+    row = await repo.get_endpoint(conn, tenant_id, job_url_secret_id(tenant_id), kind=repo.KIND_JOB_URL)
     if row is None:
         raise ValidationFailed(
             "Per-job webhook_url deliveries are signed with the tenant's job URL secret; create it first "
@@ -101,6 +111,20 @@ class EndpointChanges:
 
 
 _FIELDS = frozenset({"url", "events", "description", "enabled"})
+
+
+@dataclass(frozen=True)
+class VettedChanges:
+    """``EndpointChanges`` whose URL (if any) the SSRF guard accepted. Only this type is written, so an
+    unchecked URL cannot reach the table; vetting resolves DNS, so do it before opening a transaction."""
+
+    changes: EndpointChanges
+
+
+async def vet_changes(settings: Settings, tenant: Tenant, changes: EndpointChanges) -> VettedChanges:
+    if "url" in changes.fields:
+        await check_webhook_url(settings, changes.url, tenant)
+    return VettedChanges(changes)
 
 
 def parse_endpoint_body(body: object, *, creating: bool) -> EndpointChanges:
@@ -154,10 +178,12 @@ def _parse_events(raw: object) -> list[str]:
 
 
 async def create_endpoint(
-    conn: AsyncConnection, settings: Settings, tenant: Tenant, changes: EndpointChanges
+    conn: AsyncConnection, settings: Settings, tenant: Tenant, vetted: VettedChanges
 ) -> tuple[EndpointRow, str]:
     """A new endpoint and its secret; the secret is returned here and never again."""
-    url = await check_webhook_url(settings, changes.url, tenant)
+    changes, url = vetted.changes, vetted.changes.url
+    if url is None:
+        raise ValidationFailed("'url' is required", code="invalid_request")
     if await repo.count_endpoints(conn, tenant.id) >= MAX_ENDPOINTS_PER_TENANT:
         raise Conflict(
             f"A tenant has at most {MAX_ENDPOINTS_PER_TENANT} webhook endpoints", code="endpoint_limit"
@@ -192,12 +218,13 @@ async def get_endpoint(conn: AsyncConnection, tenant_id: str, endpoint_id: str) 
 
 
 async def update_endpoint(
-    conn: AsyncConnection, settings: Settings, tenant: Tenant, endpoint_id: str, changes: EndpointChanges
+    conn: AsyncConnection, tenant_id: str, endpoint_id: str, vetted: VettedChanges
 ) -> EndpointRow:
-    current = await get_endpoint(conn, tenant.id, endpoint_id)
+    changes = vetted.changes
+    current = await get_endpoint(conn, tenant_id, endpoint_id)
     values: dict[str, Any] = {"updated_at": utcnow()}
     if "url" in changes.fields:
-        values["url"] = await check_webhook_url(settings, changes.url, tenant)
+        values["url"] = changes.url
     if changes.events is not None:
         values["events"] = changes.events
     if "description" in changes.fields:
@@ -207,8 +234,8 @@ async def update_endpoint(
         values["disabled_reason"] = None if changes.enabled else "disabled by the tenant"
         if not changes.enabled:
             # Parked, not lost: each can be redelivered once the endpoint is back on.
-            await repo.disable_pending(conn, tenant.id, current.id)
-    updated = await repo.update_endpoint(conn, tenant.id, current.id, values)
+            await repo.disable_pending(conn, tenant_id, current.id)
+    updated = await repo.update_endpoint(conn, tenant_id, current.id, values)
     assert updated is not None  # the row was read in this transaction
     return updated
 

@@ -40,6 +40,11 @@ async def test_retention_keeps_shared_blobs_and_removes_expired_ones(env: AssetE
         assert await repo.get_asset(conn, env.alice.id, second.id) is not None
         assert await repo.get_blob(conn, env.alice.id, blob_hash) is not None
     assert env.keys(env.alice) == [key]
+    # Bob's asset over the same bytes expired at the same time: his blob was his tenant's last
+    # reference and went, while alice's blob with the same hash stayed for her second asset.
+    assert env.keys(env.bob) == []
+    async with env.runtime.engine.connect() as conn:
+        assert await repo.get_asset(conn, env.bob.id, bob_asset["id"]) is None
     content = await env.client.get(f"/api/v2/assets/{second.id}/content", headers=env.alice.headers)
     assert content.status_code == (302 if env.backend == "s3" else 200)
     if env.backend == "local":
@@ -56,11 +61,6 @@ async def test_retention_keeps_shared_blobs_and_removes_expired_ones(env: AssetE
     head = await env.client.head(f"/api/v2/assets/by-hash/{blob_hash}", headers=env.alice.headers)
     assert head.status_code == 404
 
-    # Bob's asset expired at the same time as alice's first one; his object went with his last asset,
-    # and alice's cleanup never touched it before that.
-    async with env.runtime.engine.connect() as conn:
-        assert await repo.get_asset(conn, env.bob.id, bob_asset["id"]) is None
-    assert env.keys(env.bob) == []
 
 
 async def test_reupload_after_expiry_stores_the_bytes_again(env: AssetEnv) -> None:

@@ -31,11 +31,11 @@ class FailingStorage:
         self.reads_fail = reads_fail
         self.put_calls = 0
 
-    async def put_file(self, key: str, path: str, content_type: str) -> None:
+    async def put_file(self, key: str, path: str, content_type: str, *, consume: bool = False) -> None:
         self.put_calls += 1
         if self.put_calls <= self.put_failures:
             raise StorageError(f"injected failure {self.put_calls} putting {key}")
-        await self.inner.put_file(key, path, content_type)
+        await self.inner.put_file(key, path, content_type, consume=consume)
 
     async def exists(self, key: str) -> bool:
         return await self.inner.exists(key)

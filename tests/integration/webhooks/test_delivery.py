@@ -16,11 +16,14 @@ from comfy_low.models import Job
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from comfyfleet.config import Settings
+from comfyfleet.errors import ValidationFailed
 from comfyfleet.queue.executor import Failed
 from comfyfleet.runtime import Runtime
+from comfyfleet.tenants import repository as tenant_repo
 from comfyfleet.timeutil import utcnow
 from comfyfleet.webhooks import retry
 from comfyfleet.webhooks.sender import deliver_due
+from comfyfleet.webhooks.service import validate_webhook_url
 from tests.integration.webhooks.conftest import webhook_api, webhook_settings
 from tests.integration.webhooks.helpers import (
     admin_tenant,
@@ -305,12 +308,13 @@ async def test_a_per_job_webhook_url_is_signed_with_the_tenants_job_url_secret(
     api: httpx.AsyncClient, runtime: Runtime, receiver: Receiver
 ) -> None:
     tenant = await admin_tenant(runtime)
-    missing = await api.post(
-        "/api/v2/jobs",
-        json={"workflow": empty_image_save(), "webhook_url": receiver.url("job")},
-        headers=tenant.headers,
-    )
-    assert missing.status_code == 422 and missing.json()["error"]["code"] == "webhook_secret_missing"
+    # Submit-time check, in the submit's transaction: no job URL secret yet, no webhook_url.
+    async with runtime.engine.begin() as conn:
+        owner = await tenant_repo.get_tenant(conn, tenant.id)
+        assert owner is not None
+        with pytest.raises(ValidationFailed) as refused:
+            await validate_webhook_url(runtime, receiver.url("job"), owner, conn)
+    assert refused.value.code == "webhook_secret_missing"
 
     created = await api.post("/api/v2/webhooks/job-url-secret", headers=tenant.headers)
     assert created.status_code == 201, created.text

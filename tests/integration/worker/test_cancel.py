@@ -77,7 +77,7 @@ async def test_cancel_racing_the_last_node_never_ends_succeeded(
 
     async def one(index: int) -> tuple[str, str, dict[str, object]]:
         job = await jobs.submit(slow_sampler(steps=2, seconds_per_step=0.01, color=100 + index))
-        await asyncio.sleep(rng.uniform(0, span_s))
+        await asyncio.sleep(rng.uniform(0.2 * span_s, span_s))
         answer = await jobs.cancel(job["id"])
         final = await jobs.wait_terminal(job["id"])
         return answer["status"], final["status"], final
@@ -100,6 +100,5 @@ async def test_cancel_racing_the_last_node_never_ends_succeeded(
             for asset in await asset_repo.outputs_for_job(conn, service.tenant.id, str(final["id"])):
                 assert asset.created_at <= row.cancel_requested_at, (final, asset)
     outcomes = {(a, f) for a, f, _ in results}
-    import collections; print("DIST", collections.Counter((a, f) for a, f, _ in results))
     # The timings did spread: some cancels won and some came too late (else the test proved little).
     assert ("canceled", "canceled") in outcomes or ("canceling", "canceled") in outcomes, outcomes

@@ -9,7 +9,7 @@ import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import modal
@@ -19,7 +19,7 @@ from modal._partial_function import _find_partial_methods_for_user_cls, _Partial
 from comfyfleet import config
 from comfyfleet.config import ModalSettings, Settings
 from comfyfleet.deploy import modal_app
-from comfyfleet.deploy.dispatch import RUN_METHOD, WORKER_CLASS
+from comfyfleet.deploy.dispatch import RUN_METHOD, WORKER_CLASS, ModalSpawner
 
 
 @dataclass
@@ -211,3 +211,47 @@ def test_the_options_functions_are_pure() -> None:
 def test_the_admin_entry_runs_the_cli_and_returns_its_output() -> None:
     output = modal_app.run_cli(["config", "example"])
     assert "COMFYFLEET_MODAL=" in output
+
+
+async def test_the_spawner_spawns_worker_run_job_by_name_and_cancels_by_call_id(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[tuple[str, ...]] = []
+
+    async def spawn(*args: str) -> SimpleNamespace:
+        seen.append(("spawn", *args))
+        return SimpleNamespace(object_id="fc-123")
+
+    def from_name(app_name: str, class_name: str) -> Callable[[], SimpleNamespace]:
+        seen.append(("from_name", app_name, class_name))
+        return lambda: SimpleNamespace(run_job=SimpleNamespace(spawn=SimpleNamespace(aio=spawn)))
+
+    def from_id(call_id: str) -> SimpleNamespace:
+        async def cancel() -> None:
+            seen.append(("cancel", call_id))
+
+        return SimpleNamespace(cancel=SimpleNamespace(aio=cancel))
+
+    monkeypatch.setattr(modal.Cls, "from_name", staticmethod(from_name))
+    monkeypatch.setattr(modal.FunctionCall, "from_id", staticmethod(from_id))
+    spawner = ModalSpawner("comfyfleet-staging")
+    assert await spawner.spawn("job-1", "ref-1") == "fc-123"
+    assert await spawner.spawn("job-2", "ref-2") == "fc-123"
+    await spawner.cancel("fc-9")
+    assert seen == [
+        ("from_name", "comfyfleet-staging", WORKER_CLASS),  # looked up once
+        ("spawn", "job-1", "ref-1"),
+        ("spawn", "job-2", "ref-2"),
+        ("cancel", "fc-9"),
+    ]
+
+
+def test_containers_import_the_module_without_the_deploy_machines_files(
+    load_app: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Inside a container the custom nodes file of the deploy machine does not exist; images are not
+    # built there, so the module must not read it.
+    monkeypatch.setattr(modal, "is_local", lambda: False)
+    module, recorded = load_app(COMFYFLEET_MODAL__CUSTOM_NODES_FILE="/nowhere/custom-nodes.txt")
+    assert isinstance(module.Worker, modal.Cls)
+    assert not any("node install" in command for command in recorded.commands)

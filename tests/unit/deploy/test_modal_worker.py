@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,7 +57,7 @@ async def test_a_healthy_container_stays_in_rotation() -> None:
 
 
 async def test_a_slot_that_stops_answering_makes_the_container_sick_once() -> None:
-    probes, clock, calls = Probes(healthy(0)), FakeClock(), []
+    probes, clock, calls = Probes(healthy(0)), FakeClock(), list[str]()
     health = monitor(probes, clock, calls)
     probes.current = [healthy(0, answers=False, state="unhealthy")]
     assert await health.check() is None  # one missed probe is not a verdict
@@ -214,3 +216,92 @@ async def test_a_slot_marked_for_reset_is_reset_before_its_next_job() -> None:
     async with pool.slot() as slot:  # waits for the reset to give the slot back
         assert resets == [0] and reset_done.is_set()
         assert not slot.needs_reset
+
+
+def test_comfyui_slots_do_not_inherit_our_secrets() -> None:
+    from comfyfleet.config import Settings
+    from comfyfleet.deploy.modal_worker import slot_env
+    from comfyfleet.deploy.snapshot_node.patch import ENV_VAR
+
+    environ = {"COMFYFLEET_DATABASE_URL": "not-for-nodes", "COMFYFLEET_KEY_PEPPER": "no", "PATH": "/bin"}
+    env = slot_env(Settings(), None, environ)
+    assert env["COMFYFLEET_DATABASE_URL"] == "" and env["COMFYFLEET_KEY_PEPPER"] == ""
+    assert "PATH" not in env  # inherited as is
+    assert env[ENV_VAR] == "1" and env["OMP_NUM_THREADS"] == "1"
+
+
+# ------------------------------------------------------------- binding the GPU after the restore
+
+
+class FakeSupervisor:
+    """The part of the ComfyUI supervisor the restore path uses."""
+
+    def __init__(self, urls: list[str]) -> None:
+        from types import SimpleNamespace
+
+        self.instances = [SimpleNamespace(url=url) for url in urls]
+        self.mode, self.mode_reason = "plain", "not started"
+        self.env_changes: list[dict[str, str | None]] = []
+
+    def update_env(self, changes: dict[str, str | None]) -> None:
+        self.env_changes.append(dict(changes))
+
+
+async def slot_server(status: int | None = None) -> Any:
+    """A ComfyUI slot's HTTP surface with the snapshot node's routes (or a restore that fails)."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from comfyfleet.deploy import snapshot_node
+
+    routes = web.RouteTableDef()
+    if status is None:
+        snapshot_node.register_routes(routes)
+    else:
+
+        @routes.post(snapshot_node.RESTORE_PATH)
+        async def restore(request: web.Request) -> web.Response:
+            return web.json_response({"error": "CUDA is not available"}, status=status)
+
+    app = web.Application()
+    app.add_routes(routes)
+    server = TestServer(app)
+    await server.start_server()
+    return server
+
+
+def url_of(server: Any) -> str:
+    return str(server.make_url("")).rstrip("/")
+
+
+async def test_without_an_mps_daemon_the_slots_run_plain_and_say_why(tmp_path: Path) -> None:
+    from comfyfleet.config import Settings
+    from comfyfleet.deploy.modal_worker import ModalContainer
+    from comfyfleet.worker.comfy.supervisor import MpsDaemon
+
+    container = ModalContainer(Settings())
+    supervisor = FakeSupervisor([])
+    container.supervisor = supervisor  # type: ignore[assignment]
+    container.mps = MpsDaemon(0, tmp_path, control="no-such-nvidia-cuda-mps-control")
+    assert await container._start_mps() is None
+    assert supervisor.mode == "plain" and "MPS unavailable" in supervisor.mode_reason
+    assert container.mps is None  # nothing to stop at exit
+
+
+async def test_every_slot_binds_the_gpu_through_the_snapshot_node() -> None:
+    from comfyfleet.config import Settings
+    from comfyfleet.deploy.modal_worker import ModalContainer
+
+    servers = [await slot_server(), await slot_server()]
+    try:
+        container = ModalContainer(Settings())
+        container.supervisor = FakeSupervisor([url_of(s) for s in servers])  # type: ignore[assignment]
+        await container._rebind_slots(None)  # outside ComfyUI the node answers patched=false
+        failing = await slot_server(status=500)
+        servers.append(failing)
+        container.supervisor = FakeSupervisor([url_of(failing)])  # type: ignore[assignment]
+        with pytest.raises(RuntimeError, match="could not bind the GPU"):
+            await container._rebind_slots("GPU-1234")
+    finally:
+        for server in servers:
+            await server.close()

@@ -89,8 +89,10 @@ async def upload_asset(
                     stored = service.Stored(asset, new_blob=remembered.status_code == 201, new_asset=False)
                     return await _answer(runtime, stored, replayed=True)
         assert upload.path is not None
+        # The spool file is ours and deleted below: the backend may adopt it rather than copy it.
         new_blob = await service.store_blob(
-            runtime, principal.tenant_id, upload.path, upload.blake3_hex, upload.size, content_type
+            runtime, principal.tenant_id, upload.path, upload.blake3_hex, upload.size, content_type,
+            consume=True,
         )
         async with runtime.engine.begin() as conn:
             asset, created = await service.record_asset(

@@ -41,12 +41,14 @@ async def _body(request: Request) -> object:
 
 
 @router.post("", status_code=201)
-async def create_endpoint(request: Request, principal: Admin, uow: Uow) -> Json:
+async def create_endpoint(request: Request, principal: Admin) -> Json:
     await _limit(request, principal)
+    runtime = get_runtime(request)
     changes = service.parse_endpoint_body(await _body(request), creating=True)
-    endpoint, secret = await service.create_endpoint(
-        uow.conn, get_runtime(request).settings, principal.tenant, changes
-    )
+    # Vetting resolves DNS: done before the transaction, so no database lock waits on a slow resolver.
+    vetted = await service.vet_changes(runtime.settings, principal.tenant, changes)
+    async with runtime.engine.begin() as conn:
+        endpoint, secret = await service.create_endpoint(conn, runtime.settings, principal.tenant, vetted)
     return Json(endpoint_body(endpoint, secret=secret), status_code=201, headers=_SECRET_HEADERS)
 
 
@@ -107,12 +109,13 @@ async def get_endpoint(endpoint_id: str, request: Request, principal: Admin, con
 
 
 @router.patch("/{endpoint_id}")
-async def update_endpoint(endpoint_id: str, request: Request, principal: Admin, uow: Uow) -> Json:
+async def update_endpoint(endpoint_id: str, request: Request, principal: Admin) -> Json:
     await _limit(request, principal)
+    runtime = get_runtime(request)
     changes = service.parse_endpoint_body(await _body(request), creating=False)
-    endpoint = await service.update_endpoint(
-        uow.conn, get_runtime(request).settings, principal.tenant, endpoint_id, changes
-    )
+    vetted = await service.vet_changes(runtime.settings, principal.tenant, changes)
+    async with runtime.engine.begin() as conn:
+        endpoint = await service.update_endpoint(conn, principal.tenant_id, endpoint_id, vetted)
     return Json(endpoint_body(endpoint))
 
 

@@ -136,6 +136,10 @@ class _Subscription:
     last_node: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
+    def settled(self) -> bool:
+        # A method, not the attribute: it must be re-read after every await.
+        return self.done
+
 
 def _queue_entries(rows: Any) -> tuple[QueueEntry, ...]:
     entries = []
@@ -600,6 +604,8 @@ class ComfyClient:
 
     def _finish(self, sub: _Subscription, outputs: Mapping[str, Any], *, recovered: bool) -> None:
         assert sub.terminal is not None
+        if sub.done:
+            return  # exactly one Done per prompt, whichever path settles it first
         sub.done = True
         sub.events.put_nowait(Done(sub.prompt_id, outcome_of(sub.terminal), dict(outputs), recovered))
 
@@ -607,9 +613,11 @@ class ComfyClient:
         """Settle a prompt from /history (finished) or /api/jobs (404: the server lost it)."""
         async with sub.lock:
             for _ in range(2):
-                if sub.done:
+                if sub.settled():
                     return
                 entry = await self.history(sub.prompt_id)
+                if sub.settled():  # the socket settled it while we waited
+                    return
                 if entry is not None:
                     outputs = entry.get("outputs")
                     outputs = outputs if isinstance(outputs, dict) else {}
@@ -620,6 +628,8 @@ class ComfyClient:
                     self._finish(sub, outputs, recovered=True)
                     return
                 job = await self.job(sub.prompt_id)
+                if sub.settled():
+                    return
                 if job is None:
                     reason = "unknown to ComfyUI: deleted from the queue, or ComfyUI restarted"
                     self._deliver(sub, Lost(sub.prompt_id, reason))
