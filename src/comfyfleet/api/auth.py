@@ -71,10 +71,11 @@ class KeyResolver:
             record, tenant = found
             if not key_codec.digests_match(plaintext, record.digest, pepper):
                 raise Unauthorized("Invalid API key")
-            if self._touched.get(record.id, 0.0) + TOUCH_INTERVAL.total_seconds() < now:
-                self._touched[record.id] = now
+        if self._touched.get(record.id, 0.0) + TOUCH_INTERVAL.total_seconds() < now:
+            self._touched[record.id] = now
+            # A write transaction of its own: reader connections do not take SQLite's write lock.
+            async with self._runtime.engine.begin() as conn:
                 await tenant_repo.touch_key(conn, record.id, utcnow())
-                await conn.commit()
         principal = Principal(
             tenant=tenant, key_id=record.id, scopes=frozenset(record.scopes), plan=settings.plan(tenant.plan)
         )

@@ -56,8 +56,12 @@ async def read_connection(request: Request) -> AsyncIterator[AsyncConnection]:
         yield conn
 
 
-Uow = Annotated[UnitOfWork, Depends(unit_of_work)]
-ReadConn = Annotated[AsyncConnection, Depends(read_connection)]
+# scope="function": the commit runs before the response is sent. With FastAPI's default scope the
+# client could hold a 201 or a "canceling" for a transaction that is not committed yet (a GET right
+# after the submit then answered 404 on PostgreSQL), and the read connection would stay checked out
+# while the response streams.
+Uow = Annotated[UnitOfWork, Depends(unit_of_work, scope="function")]
+ReadConn = Annotated[AsyncConnection, Depends(read_connection, scope="function")]
 
 
 def base_url(request: Request) -> str:

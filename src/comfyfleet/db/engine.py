@@ -11,6 +11,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
 
+# Execution option of connections that only read (see ``Runtime.reader``).
+SQLITE_READ_ONLY = "comfyfleet_sqlite_read_only"
+
+
 def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
@@ -48,4 +52,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None
 def _sqlite_begin_immediate(conn: Any) -> None:
     # One writer at a time: every transaction takes the write lock up front, so a claim's read and
     # its update can never interleave with another writer's (SQLite's answer to SKIP LOCKED).
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # Read-only connections (``Runtime.reader``) read a WAL snapshot and leave the lock to writers.
+    if conn.get_execution_options().get(SQLITE_READ_ONLY):
+        conn.exec_driver_sql("BEGIN")
+    else:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")

@@ -45,7 +45,8 @@ async def slots_from(supervisor: Supervisor, worker_name: str) -> list[Slot]:
         slot = Slot(name=f"{worker_name}-{index}", client=client, restart=_restarter(instance))
         if isinstance(instance, ComfyProcess):
             spec = instance.spec
-            slot.input_dir, slot.output_dir, slot.temp_dir = spec.input_dir, spec.output_dir, spec.temp_dir
+            # ComfyUI puts temp files in a `temp` folder *inside* --temp-directory.
+            slot.input_dir, slot.output_dir, slot.temp_dir = spec.input_dir, spec.output_dir, spec.temp_dir / "temp"
         slots.append(slot)
     return slots
 

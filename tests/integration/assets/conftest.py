@@ -15,15 +15,15 @@ import pytest
 import pytest_asyncio
 from PIL import Image
 from sqlalchemy import func, select
+from tests.conftest import api_client
+from tests.fixtures.seaweedfs import SeaweedFS
+from tests.support.factories import TenantWithKey, make_tenant
+from tests.support.storage_backends import backend_settings, stored_keys
 
 from comfyfleet.config import PlanLimits, default_plans
 from comfyfleet.db.tables import assets, blobs
 from comfyfleet.runtime import Runtime
 from comfyfleet.storage.base import Storage
-from tests.conftest import api_client
-from tests.fixtures.seaweedfs import SeaweedFS
-from tests.support.factories import TenantWithKey, make_tenant
-from tests.support.storage_backends import backend_settings, stored_keys
 
 # A plan whose upload cap is tiny, for the 413 test.
 TINY_UPLOAD = 4096

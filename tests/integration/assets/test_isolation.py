@@ -6,7 +6,6 @@ from __future__ import annotations
 import uuid
 
 import httpx
-
 from tests.integration.assets.conftest import AssetEnv, png_bytes
 
 

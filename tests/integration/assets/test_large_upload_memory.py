@@ -17,7 +17,6 @@ from pathlib import Path
 import blake3
 import httpx
 import pytest
-
 from tests.conftest import TEST_SECRETS
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")]
@@ -136,6 +135,7 @@ async def test_two_gigabyte_upload_keeps_server_memory_flat(server: tuple[str, s
     assert body["hash"] == "blake3:" + hasher.hexdigest()
     peak = peak_rss(pid)
     grown = peak - baseline
+    print(f"server peak RSS {baseline / 1024**2:.0f} MiB before, {peak / 1024**2:.0f} MiB after a 2 GiB upload")
     assert grown < HEADROOM, f"server peak RSS grew by {grown / 1024**2:.0f} MiB during a 2 GiB upload"
     # The upload went to the store, and the spool copy is gone.
     assert (data_dir / "storage" / "tenants").exists()

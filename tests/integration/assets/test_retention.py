@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from tests.integration.assets.conftest import AssetEnv, png_bytes
+
 from comfyfleet.assets import repository as repo
 from comfyfleet.assets import retention, service
 from comfyfleet.queue.reaper import reap_once
-from tests.integration.assets.conftest import AssetEnv, png_bytes
 
 
 async def test_retention_keeps_shared_blobs_and_removes_expired_ones(env: AssetEnv) -> None:

@@ -11,10 +11,10 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-
-from comfyfleet.storage.local import URL_PATH, LocalStorage
 from tests.conftest import TEST_SECRETS
 from tests.integration.assets.conftest import AssetEnv, AssetEnvFactory, png_bytes
+
+from comfyfleet.storage.local import URL_PATH, LocalStorage
 
 LIFETIME_S = 120
 

@@ -10,10 +10,10 @@ import uuid
 
 import httpx
 import pytest
-
-from comfyfleet.storage.base import content_disposition
 from tests.integration.assets.conftest import TINY_UPLOAD, AssetEnv, AssetEnvFactory, png_bytes
 from tests.support.factories import make_tenant
+
+from comfyfleet.storage.base import content_disposition
 
 
 def error_of(response: httpx.Response) -> dict[str, object]:

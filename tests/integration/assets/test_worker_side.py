@@ -13,12 +13,12 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from tests.integration.assets.conftest import AssetEnv, AssetEnvFactory, png_bytes
 
 from comfyfleet.assets import service
 from comfyfleet.errors import Retryable
 from comfyfleet.storage.base import SignedUrl, Storage, StorageError
 from comfyfleet.timeutil import utcnow
-from tests.integration.assets.conftest import AssetEnv, AssetEnvFactory, png_bytes
 
 
 class FailingStorage:

@@ -4,7 +4,12 @@ never rate-limits, so tests can poll as fast as they like."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
+import os
+import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +19,9 @@ import httpx
 import pytest_asyncio
 
 from comfyfleet.config import PlanLimits
+from comfyfleet.db.engine import create_engine
 from comfyfleet.runtime import Runtime
-from tests.conftest import make_settings
+from tests.conftest import TEST_SECRETS, make_settings
 from tests.fakes.fixtures import ComfyTarget
 from tests.integration.worker.helpers import JobsClient
 from tests.support.factories import TenantWithKey, make_tenant
@@ -73,3 +79,76 @@ async def start_service(
 @pytest_asyncio.fixture
 async def service(start_service: StartService) -> Service:
     return await start_service()
+
+
+@dataclass
+class ServedService:
+    """``comfyfleet serve`` in a process of its own, as deployed: its workers, API and the test's
+    clients then use separate cores instead of sharing one event loop."""
+
+    url: str
+    tenant: TenantWithKey
+    process: asyncio.subprocess.Process
+
+
+StartServed = Callable[..., Awaitable[ServedService]]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest_asyncio.fixture
+async def start_served(
+    db_url: str, tmp_path: Path, comfyui_target: ComfyTarget
+) -> AsyncIterator[StartServed]:
+    """``await start_served(workers=4, **env_settings)``: the service as a child process."""
+    processes: list[asyncio.subprocess.Process] = []
+
+    async def start(*, workers: int = 1, **overrides: Any) -> ServedService:
+        port = _free_port()
+        values: dict[str, Any] = {
+            "env": "test", "database_url": db_url, "data_dir": str(tmp_path / "served"),
+            "plans": {"unlimited": UNLIMITED.model_dump()}, "log_level": "WARNING", **TEST_SECRETS,
+            **overrides,
+        }
+        env = {**os.environ}
+        for name, value in values.items():
+            env[f"COMFYFLEET_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+        exe = Path(sys.executable).parent / "comfyfleet"
+        process = await asyncio.create_subprocess_exec(
+            str(exe), "serve", "--port", str(port), "--comfyui-url", comfyui_target.url, "--workers",
+            str(workers), env=env, stdin=asyncio.subprocess.DEVNULL,
+        )
+        processes.append(process)
+        url = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=url) as probe, asyncio.timeout(60):
+            while True:
+                if process.returncode is not None:
+                    raise RuntimeError(f"comfyfleet serve exited with {process.returncode}")
+                with contextlib.suppress(httpx.TransportError):
+                    if (await probe.get("/api/v2/health")).status_code == 200:
+                        break
+                await asyncio.sleep(0.05)
+        engine = create_engine(db_url)
+        try:
+            settings = make_settings(db_url, tmp_path / "served")
+            tenant = await make_tenant(engine, settings, plan="unlimited")
+        finally:
+            await engine.dispose()
+        return ServedService(url=url, tenant=tenant, process=process)
+
+    try:
+        yield start
+    finally:
+        for process in processes:
+            if process.returncode is None:
+                process.terminate()
+                try:
+                    async with asyncio.timeout(15):
+                        await process.wait()
+                except TimeoutError:
+                    process.kill()
+                    await process.wait()

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-import base64
 import asyncio
+import base64
 import hashlib
 from datetime import timedelta
 from typing import Annotated, Any

@@ -1,11 +1,11 @@
-"""API-format ComfyUI graphs: shape checks, ``core/ASSET`` references, node policy, and the rewrite a
-worker applies before a graph reaches ComfyUI. Pure functions, no I/O.
+"""API-format ComfyUI graphs: shape checks and ``core/ASSET`` references. Pure functions, no I/O.
 
 A graph maps node ids to ``{"class_type": str, "inputs": {name: value}, "_meta"?: {...}}``. An input
 value is a literal or a link ``[source_node_id, output_index]``. The official SDK puts an uploaded asset
 where a file name would go: ``{"__type": "core/ASSET", "info": {"id", "hash"?, "file_path"?}}``.
 
-Every ``ValidationFailed`` raised here and in ``catalog.py`` carries one details shape::
+Every ``ValidationFailed`` raised here and in ``policy.py``, ``rewrite.py`` and ``catalog.py`` carries
+one details shape (``NodeErrors`` builds it)::
 
     {"node_errors": {"<node_id>": [{"type": "<error type>", "message": "<text>", "input": "<name>"}]}}
 
@@ -13,22 +13,60 @@ Every ``ValidationFailed`` raised here and in ``catalog.py`` carries one details
 empty, a UI export, no output node) carry ``{"node_errors": {}}``; ``too_many_nodes`` carries
 ``{"node_count": n, "max_nodes": m}``. Error types reuse ComfyUI's names where it has one
 (``bad_linked_input``, ``required_input_missing``, ``return_type_mismatch``, ...).
+
+The node policy (``NodePolicy``, ``check_policy``) lives in ``policy.py`` and the rewrite a worker
+applies before a graph reaches ComfyUI (``prepare_for_run``, ``sanitize_filename``) in ``rewrite.py``.
+Both build on this module, so it re-exports their names lazily, on first use (see the end).
 """
 
 from __future__ import annotations
 
-import copy
+import importlib
 import math
 import re
 import sys
-import unicodedata
 from collections import deque
-from collections.abc import Collection, Iterator, Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any, NotRequired, TypedDict, TypeGuard
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict, TypeGuard
 
 from comfyfleet.errors import ValidationFailed
+
+if TYPE_CHECKING:
+    from comfyfleet.worker.comfy.policy import (
+        DEFAULT_DENIED,
+        KNOWN_FILE_INPUTS,
+        KNOWN_PREFIX_CLASSES,
+        NodePolicy,
+        check_policy,
+    )
+    from comfyfleet.worker.comfy.rewrite import forced_prefix, prepare_for_run, sanitize_filename
+
+__all__ = [
+    "ASSET_TYPE",
+    "DEFAULT_DENIED",
+    "FILENAME_PREFIX",
+    "KNOWN_FILE_INPUTS",
+    "KNOWN_PREFIX_CLASSES",
+    "NO_NODE_LIMIT",
+    "AssetRef",
+    "NodeErrorDetail",
+    "NodeErrors",
+    "NodePolicy",
+    "check_policy",
+    "find_asset_refs",
+    "forced_prefix",
+    "graph_error",
+    "is_asset_ref",
+    "is_link",
+    "iter_asset_refs",
+    "links_of",
+    "looks_like_ui_export",
+    "prepare_for_run",
+    "sanitize_filename",
+    "short_repr",
+    "validate_api_format",
+]
 
 ASSET_TYPE = "core/ASSET"
 FILENAME_PREFIX = "filename_prefix"
@@ -335,10 +373,11 @@ class AssetRef:
 def find_asset_refs(workflow: object) -> list[AssetRef]:
     """Every ``core/ASSET`` reference in the graph, in node order. Validates the shape first."""
     graph = validate_api_format(workflow, max_nodes=NO_NODE_LIMIT)
-    return list(_iter_asset_refs(graph))
+    return list(iter_asset_refs(graph))
 
 
-def _iter_asset_refs(graph: Mapping[str, dict[str, Any]]) -> Iterator[AssetRef]:
+def iter_asset_refs(graph: Mapping[str, dict[str, Any]]) -> Iterator[AssetRef]:
+    """Every ``core/ASSET`` reference of a graph ``validate_api_format`` already accepted."""
     for node_id, node in graph.items():
         for name, value in node["inputs"].items():
             if is_link(value):
@@ -361,264 +400,27 @@ def _walk_assets(
             yield from _walk_assets(item, (*path, index))
 
 
-# -- node policy ----------------------------------------------------------------------------------
+# -- names that moved out -------------------------------------------------------------------------
 
-DEFAULT_DENIED: frozenset[str] = frozenset(
-    {
-        # Read files the job does not own: the shared output folder (other tenants' results), or
-        # whole input sub-folders, which is where every job's staged inputs live.
-        "LoadImageOutput",
-        "LoadImageDataSetFromFolder",
-        "LoadImageTextDataSetFromFolder",
-        "LoadImageSetFromFolderNode",
-        "LoadImageTextSetFromFolderNode",
-        "LoadTrainingDataset",
-        # Write under a caller-chosen folder or prefix that is not a ComfyUI filename_prefix, so the
-        # worker cannot force it into the job's folder ("../" reaches outside the output folder).
-        "SaveImageDataSetToFolder",
-        "SaveImageTextDataSetToFolder",
-        "SaveTrainingDataset",
-        "SaveLoRANode",
-        # Write model weights: gigabytes per run that the worker would then upload as job outputs.
-        "CheckpointSave",
-        "ImageOnlyCheckpointSave",
-        "CLIPSave",
-        "VAESave",
-        "ModelSave",
-        "LoraSave",
-        # Popular custom nodes that take a server path, directory or URL as a plain string.
-        "VHS_LoadVideoPath",
-        "VHS_LoadVideoFFmpegPath",
-        "VHS_LoadImagePath",
-        "VHS_LoadImagesPath",
-        "VHS_LoadImages",
-        "VHS_LoadAudio",
-        "Image Load",
-        "Image Save",
-        "Load Text File",
-        "Save Text File",
-    }
-)
+# policy.py and rewrite.py import this module, so importing them here at load time would be an
+# import cycle; instead the module __getattr__ (PEP 562) loads them on first use of one of their names.
+_MOVED: Mapping[str, str] = {
+    "DEFAULT_DENIED": "comfyfleet.worker.comfy.policy",
+    "KNOWN_FILE_INPUTS": "comfyfleet.worker.comfy.policy",
+    "KNOWN_PREFIX_CLASSES": "comfyfleet.worker.comfy.policy",
+    "NodePolicy": "comfyfleet.worker.comfy.policy",
+    "check_policy": "comfyfleet.worker.comfy.policy",
+    "forced_prefix": "comfyfleet.worker.comfy.rewrite",
+    "prepare_for_run": "comfyfleet.worker.comfy.rewrite",
+    "sanitize_filename": "comfyfleet.worker.comfy.rewrite",
+}
 
-# Inputs that name a file in ComfyUI's input folder. The catalog adds every input flagged for upload
-# (image_upload, video_upload, ...); these are the ones object_info does not flag, or flags in a way
-# older versions did not. LoadLatent stays allowed: it reads safetensors, and only staged files.
-KNOWN_FILE_INPUTS: Mapping[str, frozenset[str]] = MappingProxyType(
-    {
-        "LoadImage": frozenset({"image"}),
-        "LoadImageMask": frozenset({"image"}),
-        "LoadImageOutput": frozenset({"image"}),
-        "WebcamCapture": frozenset({"image"}),
-        "LoadLatent": frozenset({"latent"}),
-        "LoadAudio": frozenset({"audio"}),
-        "RecordAudio": frozenset({"audio"}),
-        "LoadVideo": frozenset({"file"}),
-        "Load3D": frozenset({"model_file"}),
-        "Load3DAnimation": frozenset({"model_file"}),
-        "VHS_LoadVideo": frozenset({"video"}),
-        "VHS_LoadVideoFFmpeg": frozenset({"video"}),
-        "VHS_LoadAudioUpload": frozenset({"audio"}),
-    }
-)
+if not TYPE_CHECKING:  # mypy takes these names from the imports at the top
 
-# Output nodes whose filename_prefix is optional or defaulted: the worker sets it even when the graph
-# leaves it out, so no file lands outside the job's folder.
-KNOWN_PREFIX_CLASSES: frozenset[str] = frozenset(
-    {
-        "SaveImage",
-        "SaveAnimatedWEBP",
-        "SaveAnimatedPNG",
-        "SaveVideo",
-        "SaveWEBM",
-        "SaveAudio",
-        "SaveAudioMP3",
-        "SaveAudioOpus",
-        "SaveLatent",
-        "SaveGLB",
-    }
-)
-
-
-def _known_file_inputs() -> Mapping[str, frozenset[str]]:
-    return KNOWN_FILE_INPUTS
-
-
-@dataclass(frozen=True, slots=True)
-class NodePolicy:
-    """Which node classes a tenant's graph may use, and which inputs name files.
-
-    ``allowed=None`` admits whatever the catalog reports (or anything, without a catalog);
-    ``denied`` always wins. ``NodeCatalog.policy()`` fills ``catalog_classes``, ``file_inputs`` and
-    ``prefix_classes`` from the worker's ``/object_info``.
-    """
-
-    allowed: frozenset[str] | None = None
-    denied: frozenset[str] = DEFAULT_DENIED
-    catalog_classes: frozenset[str] | None = None
-    file_inputs: Mapping[str, frozenset[str]] = field(default_factory=_known_file_inputs)
-    prefix_classes: frozenset[str] = KNOWN_PREFIX_CLASSES
-
-    def class_problem(self, class_type: str) -> tuple[str, str] | None:
-        """``(error type, message)`` when ``class_type`` may not run, else None."""
-        if class_type in self.denied:
-            return "node_class_denied", f"node class '{class_type}' is not permitted on this service"
-        if self.allowed is not None and class_type not in self.allowed:
-            return "node_class_not_allowed", f"node class '{class_type}' is not in the allowed set"
-        if self.catalog_classes is not None and class_type not in self.catalog_classes:
-            return "unknown_node_class", f"node class '{class_type}' does not exist on this worker"
-        return None
-
-    def is_file_input(self, class_type: str, input_name: str) -> bool:
-        return input_name in self.file_inputs.get(class_type, frozenset())
-
-
-def check_policy(workflow: object, policy: NodePolicy, *, staged_names: Collection[str] = ()) -> None:
-    """Reject node classes the policy refuses and file inputs that name anything but the job's own
-    staged files. At submit time no file is staged yet, so only ``core/ASSET`` values pass."""
-    graph = validate_api_format(workflow, max_nodes=NO_NODE_LIMIT)
-    _policy_errors(graph, policy, frozenset(staged_names)).raise_if_any()
-
-
-def _policy_errors(
-    graph: Mapping[str, dict[str, Any]], policy: NodePolicy, staged: frozenset[str]
-) -> NodeErrors:
-    errors = NodeErrors(graph)
-    for node_id, node in graph.items():
-        class_type: str = node["class_type"]
-        if (problem := policy.class_problem(class_type)) is not None:
-            errors.add(node_id, *problem)
-        for name, value in node["inputs"].items():
-            if policy.is_file_input(class_type, name) and (reason := _file_reference_problem(value, staged)):
-                errors.add(
-                    node_id, "file_reference_not_allowed", f"input '{name}': {reason}", input_name=name
-                )
-    return errors
-
-
-def _file_reference_problem(value: object, staged: frozenset[str]) -> str | None:
-    if is_asset_ref(value):
-        return None
-    if isinstance(value, str):
-        if value in staged:
-            return None
-        return (
-            f"{short_repr(value)} is not one of this job's inputs; "
-            "upload the file as an asset and pass its core/ASSET reference"
-        )
-    if is_link(value):
-        # The name would be computed at run time and could point anywhere.
-        return "a file input cannot be linked; pass a core/ASSET reference"
-    return "a file input takes a core/ASSET reference"
-
-
-# -- file names -----------------------------------------------------------------------------------
-
-# Word characters (any script) and a few harmless punctuation marks. '%' stays so ComfyUI's
-# %width%/%year% substitutions keep working in prefixes; brackets go, since "name.png [output]" is
-# ComfyUI's syntax for reading from another folder.
-_UNSAFE_CHARS = re.compile(r"[^\w\-.()+,=@% ]")
-_EXTENSION_MAX_CHARS = 16
-
-
-def sanitize_filename(name: str, *, default: str = "file", max_bytes: int = 120) -> str:
-    """One safe path segment from ``name``: the last path part only, no control or format characters
-    (bidi overrides, zero-width), no leading dots, at most ``max_bytes`` of UTF-8 with the extension
-    kept. Returns ``default`` when nothing usable is left."""
-    leaf = re.split(r"[/\\]", name)[-1]
-    leaf = unicodedata.normalize("NFC", leaf)
-    leaf = "".join(ch for ch in leaf if not unicodedata.category(ch).startswith("C"))
-    leaf = _UNSAFE_CHARS.sub("_", leaf)
-    leaf = re.sub(r"\s+", " ", leaf).strip(" .")
-    if not leaf:
-        return default
-    if len(leaf.encode()) <= max_bytes:
-        return leaf
-    stem, dot, extension = leaf.rpartition(".")
-    if not dot or not stem or len(extension) > _EXTENSION_MAX_CHARS:
-        return _truncate_utf8(leaf, max_bytes).rstrip(" .") or default
-    suffix = f".{extension}"
-    stem = _truncate_utf8(stem, max_bytes - len(suffix.encode())).rstrip(" .")
-    return stem + suffix if stem else default
-
-
-def _truncate_utf8(text: str, max_bytes: int) -> str:
-    return text.encode()[: max(max_bytes, 0)].decode(errors="ignore")
-
-
-def forced_prefix(output_prefix: str, original: object) -> str:
-    """``<output_prefix>/<leaf>``: only the last part of the caller's prefix survives, so neither
-    folders nor ``..`` (in any spelling, e.g. ``%year%/..``) can leave the job's folder."""
-    if isinstance(original, dict) and "__value__" in original:
-        original = original["__value__"]
-    leaf = sanitize_filename(original, default="out") if isinstance(original, str) else "out"
-    return f"{output_prefix}/{leaf}"
-
-
-def _require_relative_path(path: str, what: str) -> str:
-    """Paths the worker itself supplies; a bad one is a bug in the caller, not a user error. A
-    trailing "[...]" is refused too: ComfyUI reads "x.png [output]" from its output folder."""
-    parts = path.split("/")
-    if (
-        not path
-        or "\\" in path
-        or path.endswith("]")
-        or any(part in ("", ".", "..") for part in parts)
-        or not all(part.isprintable() for part in parts)
-    ):
-        raise ValueError(f"{what} must be a plain relative path without '..' or empty parts, got {path!r}")
-    return path
-
-
-# -- the run-time rewrite -------------------------------------------------------------------------
-
-
-def prepare_for_run(
-    workflow: object, *, staged_inputs: Mapping[str, str], output_prefix: str, policy: NodePolicy
-) -> dict[str, dict[str, Any]]:
-    """A new graph ready for ComfyUI's ``POST /prompt``.
-
-    ``staged_inputs`` maps asset id -> the name ComfyUI loads it by (``jobs/<job>/in/<name>``).
-    Every ``core/ASSET`` value becomes that name; every ``filename_prefix`` becomes
-    ``<output_prefix>/<sanitised leaf or 'out'>``; node classes the policy refuses and file inputs
-    naming anything but this job's staged files fail with ``invalid_workflow``; a reference to an
-    asset that was not staged fails with ``missing_asset``. Node keys other than ``class_type``,
-    ``inputs`` and ``_meta`` are dropped (ComfyUI reads e.g. ``is_changed`` for caching).
-    """
-    graph = validate_api_format(workflow, max_nodes=NO_NODE_LIMIT)
-    prefix = _require_relative_path(output_prefix, "output_prefix")
-    staged = frozenset(_require_relative_path(name, "staged input name") for name in staged_inputs.values())
-    _policy_errors(graph, policy, staged).raise_if_any()
-    missing = NodeErrors(graph)
-    for ref in _iter_asset_refs(graph):
-        if ref.asset_id not in staged_inputs:
-            missing.add(
-                ref.node_id,
-                "asset_not_staged",
-                f"input '{ref.input}': asset {short_repr(ref.asset_id)} was not staged for this job",
-                input_name=ref.input,
-            )
-    missing.raise_if_any(code="missing_asset")
-    return {node_id: _rewrite_node(node, staged_inputs, prefix, policy) for node_id, node in graph.items()}
-
-
-def _rewrite_node(
-    node: Mapping[str, Any], staged_inputs: Mapping[str, str], output_prefix: str, policy: NodePolicy
-) -> dict[str, Any]:
-    inputs = {name: _substitute_assets(value, staged_inputs) for name, value in node["inputs"].items()}
-    if FILENAME_PREFIX in inputs or node["class_type"] in policy.prefix_classes:
-        # A linked prefix is replaced too: its value would be computed at run time.
-        inputs[FILENAME_PREFIX] = forced_prefix(output_prefix, node["inputs"].get(FILENAME_PREFIX))
-    rewritten: dict[str, Any] = {"class_type": node["class_type"], "inputs": inputs}
-    if "_meta" in node:
-        rewritten["_meta"] = copy.deepcopy(node["_meta"])
-    return rewritten
-
-
-def _substitute_assets(value: object, staged_inputs: Mapping[str, str]) -> object:
-    if is_asset_ref(value):
-        return staged_inputs[value["info"]["id"]]
-    if isinstance(value, dict):
-        return {key: _substitute_assets(item, staged_inputs) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_substitute_assets(item, staged_inputs) for item in value]
-    return value
+    def __getattr__(name: str) -> object:
+        module = _MOVED.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value
+        return value

@@ -1,131 +1,81 @@
-"""Start, watch and stop the ComfyUI processes of one worker host.
+"""Start, watch and stop the ComfyUI slots of one worker host.
 
-A host runs one ComfyUI process per *slot*: ``slots_per_gpu`` slots per GPU, or CPU-only slots. Every
-slot has its own port and its own input/output/temp/user folders, and its own SQLite database
-(``--database-url``), because ComfyUI 0.8.0 otherwise puts the database of every process started from
-one install at the same path inside that install.
-
-With several slots on one GPU, an NVIDIA MPS control daemon per GPU lets their kernels share the GPU
-instead of time-slicing it. MPS is optional and best effort: when the binary is missing or the daemon
-does not come up, the supervisor runs plain slots and records why (``mode`` / ``mode_reason``, shown by
-``/readyz``). Under MPS a fatal GPU fault in one client takes down every client of that GPU's server, so
-the death of one slot restarts all slots of its GPU together (``restart_gpu``), and ``on_slot_lost``
-tells the worker which slots lost their jobs.
+A host runs one ComfyUI process per *slot*: ``slots_per_gpu`` slots per GPU, or CPU-only slots
+(``build_slots`` lays them out; each gets its own port, folders and database). With several slots on one
+GPU, an NVIDIA MPS control daemon per GPU lets their kernels share the GPU instead of time-slicing it.
+MPS is optional and best effort: when the binary is missing or the daemon does not come up, the
+supervisor runs plain slots and records why (``mode`` / ``mode_reason``, shown by ``/readyz``). Under MPS
+a fatal GPU fault in one client takes down every client of that GPU's server, so the death of one slot
+restarts all slots of its GPU together (``restart_gpu``), and ``on_slot_lost`` tells the worker which
+slots lost their jobs.
 
 ``Supervisor`` can also drive a ComfyUI that something else started (``url=``); then nothing is
 started or restarted, only watched.
+
+This module holds the slot layout (``build_slots``), the ``ComfyInstance`` protocol, ``Supervisor`` and
+``SupervisorStatus``. The pieces it builds on live next door and are re-exported from here:
+``slots.py`` (``SlotSpec``, ``SlotStatus``), ``process.py`` (one ComfyUI: ``ComfyProcess``,
+``AttachedComfy``, ``Backoff``, ``ComfyStartError``) and ``mps.py`` (``MpsDaemon``, ``MpsUnavailable``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import inspect
 import logging
-import os
-import shutil
-import signal
 import sys
-import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal, Protocol
+from typing import Literal, Protocol
 
-import httpx
+from comfyfleet.worker.comfy.mps import MPS_CONTROL, NVIDIA_SMI, MpsDaemon, MpsUnavailable
+from comfyfleet.worker.comfy.process import (
+    AttachedComfy,
+    Backoff,
+    ComfyProcess,
+    ComfyStartError,
+    DeathHandler,
+)
+from comfyfleet.worker.comfy.slots import (
+    LISTEN_HOST,
+    SlotLostCallback,
+    SlotSpec,
+    SlotState,
+    SlotStatus,
+    notify_slot_lost,
+)
+
+__all__ = [
+    "DEFAULT_THREAD_ENV",
+    "LISTEN_HOST",
+    "MPS_CONTROL",
+    "NVIDIA_SMI",
+    "AttachedComfy",
+    "Backoff",
+    "ComfyInstance",
+    "ComfyProcess",
+    "ComfyStartError",
+    "DeathHandler",
+    "MpsDaemon",
+    "MpsUnavailable",
+    "SlotLostCallback",
+    "SlotSpec",
+    "SlotState",
+    "SlotStatus",
+    "Supervisor",
+    "SupervisorMode",
+    "SupervisorStatus",
+    "build_slots",
+    "notify_slot_lost",
+]
 
 log = logging.getLogger(__name__)
 
-SlotState = Literal["stopped", "starting", "ready", "unhealthy", "restarting", "failed"]
 SupervisorMode = Literal["mps", "plain", "attached"]
-SlotLostCallback = Callable[["SlotSpec"], Awaitable[None] | None]
-DeathHandler = Callable[["ComfyProcess", int], Awaitable[None]]
 
-LISTEN_HOST = "127.0.0.1"
-MPS_CONTROL = "nvidia-cuda-mps-control"
-NVIDIA_SMI = "nvidia-smi"
 # Several ComfyUI processes share the host's cores; without this each one sizes its CPU thread pools
 # for the whole machine and they oversubscribe it.
 DEFAULT_THREAD_ENV: Mapping[str, str] = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-_READY_POLL = 0.1
-_LOG_TAIL_LINES = 20
-
-
-class ComfyStartError(RuntimeError):
-    """A ComfyUI process did not come up: it exited, or it did not answer in time."""
-
-
-class MpsUnavailable(RuntimeError):
-    """The MPS control daemon could not be started; the supervisor falls back to plain slots."""
-
-
-# --------------------------------------------------------------------------------------------- slots
-
-
-@dataclass(frozen=True)
-class SlotSpec:
-    """Everything that makes one ComfyUI process different from its neighbours."""
-
-    index: int
-    gpu: int | None
-    port: int
-    base_dir: Path
-    env: Mapping[str, str] = field(default_factory=dict, hash=False)
-    extra_args: tuple[str, ...] = ()
-
-    @property
-    def input_dir(self) -> Path:
-        return self.base_dir / "input"
-
-    @property
-    def output_dir(self) -> Path:
-        return self.base_dir / "output"
-
-    @property
-    def temp_dir(self) -> Path:
-        return self.base_dir / "temp"
-
-    @property
-    def user_dir(self) -> Path:
-        return self.base_dir / "user"
-
-    @property
-    def database_url(self) -> str:
-        return f"sqlite:///{self.user_dir / 'comfyui.db'}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.base_dir / "comfyui.log"
-
-    @property
-    def url(self) -> str:
-        return f"http://{LISTEN_HOST}:{self.port}"
-
-    def argv(self, python: str, install_dir: Path) -> list[str]:
-        return [
-            python,
-            str(install_dir / "main.py"),
-            "--listen",
-            LISTEN_HOST,
-            "--port",
-            str(self.port),
-            "--input-directory",
-            str(self.input_dir),
-            "--output-directory",
-            str(self.output_dir),
-            "--temp-directory",
-            str(self.temp_dir),
-            "--user-directory",
-            str(self.user_dir),
-            "--database-url",
-            self.database_url,
-            "--disable-auto-launch",
-            *self.extra_args,
-        ]
-
-    def create_dirs(self) -> None:
-        for folder in (self.input_dir, self.output_dir, self.temp_dir, self.user_dir):
-            folder.mkdir(parents=True, exist_ok=True)
 
 
 def build_slots(
@@ -171,21 +121,6 @@ def _slot_env(gpu: int | None, base: Mapping[str, str], daemon: MpsDaemon | None
 
 
 @dataclass(frozen=True)
-class SlotStatus:
-    index: int
-    gpu: int | None
-    url: str
-    state: SlotState
-    pid: int | None
-    restarts: int
-    last_error: str | None
-
-    @property
-    def ready(self) -> bool:
-        return self.state == "ready"
-
-
-@dataclass(frozen=True)
 class SupervisorStatus:
     mode: SupervisorMode
     mode_reason: str
@@ -211,475 +146,6 @@ class ComfyInstance(Protocol):
     async def healthy(self) -> bool: ...
 
     def status(self) -> SlotStatus: ...
-
-
-@dataclass
-class Backoff:
-    """Exponential delay between restarts; a process that stayed up ``stable_after`` s starts over."""
-
-    base: float = 1.0
-    cap: float = 30.0
-    stable_after: float = 60.0
-    _failures: int = field(default=0, init=False, repr=False)
-
-    def next_delay(self, uptime: float | None) -> float:
-        if uptime is not None and uptime >= self.stable_after:
-            self._failures = 0
-        delay = min(self.cap, self.base * 2.0**self._failures)
-        self._failures += 1
-        return delay
-
-
-# ------------------------------------------------------------------------------------ health probing
-
-
-class _Monitored:
-    """The part a started and an attached ComfyUI share: a URL, a health probe and a state."""
-
-    def __init__(self, url: str, *, health_timeout: float, unhealthy_after: int) -> None:
-        self._url = url
-        self._health_timeout = health_timeout
-        self._unhealthy_after = max(1, unhealthy_after)
-        self._client: httpx.AsyncClient | None = None
-        self._state: SlotState = "stopped"
-        self._failed_probes = 0
-        self.last_error: str | None = None
-
-    @property
-    def url(self) -> str:
-        return self._url
-
-    async def healthy(self) -> bool:
-        """True when ``/system_stats`` answers 200 within the health timeout."""
-        try:
-            response = await self._http().get("/system_stats")
-        except httpx.HTTPError:
-            return False
-        return response.status_code == 200
-
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            # trust_env=False: a proxy configured for the outside world must not sit between the
-            # worker and a ComfyUI on loopback.
-            self._client = httpx.AsyncClient(
-                base_url=self._url, timeout=self._health_timeout, trust_env=False
-            )
-        return self._client
-
-    async def _close_client(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
-
-    def _record_probe(self, ok: bool) -> None:
-        # Only flips between ready and unhealthy; starting/restarting belong to the lifecycle code.
-        if ok:
-            self._failed_probes = 0
-            if self._state == "unhealthy":
-                log.info("ComfyUI at %s answers again", self._url)
-                self._state = "ready"
-            return
-        self._failed_probes += 1
-        if self._state == "ready" and self._failed_probes >= self._unhealthy_after:
-            log.warning("ComfyUI at %s stopped answering /system_stats", self._url)
-            self.last_error = f"no answer from /system_stats ({self._failed_probes} probes)"
-            self._state = "unhealthy"
-
-
-# ----------------------------------------------------------------------------------- started process
-
-
-class ComfyProcess(_Monitored):
-    """One ComfyUI process this host starts, watches and restarts."""
-
-    def __init__(
-        self,
-        spec: SlotSpec,
-        *,
-        install_dir: str | Path,
-        python: str = sys.executable,
-        startup_timeout: float = 180.0,
-        stop_grace: float = 10.0,
-        health_interval: float = 5.0,
-        health_timeout: float = 2.0,
-        unhealthy_after: int = 3,
-        backoff: Backoff | None = None,
-        on_lost: SlotLostCallback | None = None,
-        on_death: DeathHandler | None = None,
-    ) -> None:
-        super().__init__(spec.url, health_timeout=health_timeout, unhealthy_after=unhealthy_after)
-        self.spec = spec
-        self.restarts = 0
-        self.generation = 0  # counts spawns, so a late death report can tell it is stale
-        self.last_uptime: float | None = None
-        self._install_dir = Path(install_dir).absolute()
-        self._python = python
-        self._startup_timeout = startup_timeout
-        self._stop_grace = stop_grace
-        self._health_interval = health_interval
-        self._backoff = backoff or Backoff()
-        self._on_lost = on_lost
-        self._on_death = on_death
-        self._proc: asyncio.subprocess.Process | None = None
-        self._started_at: float | None = None
-        self._lost_reported = False
-        # Held while the process is being spawned or stopped, so the watchdog leaves it alone.
-        self._lock = asyncio.Lock()
-        self._watchdog: asyncio.Task[None] | None = None
-
-    @property
-    def pid(self) -> int | None:
-        proc = self._proc
-        return proc.pid if proc is not None and proc.returncode is None else None
-
-    def status(self) -> SlotStatus:
-        return SlotStatus(
-            index=self.spec.index,
-            gpu=self.spec.gpu,
-            url=self.url,
-            state=self._state,
-            pid=self.pid,
-            restarts=self.restarts,
-            last_error=self.last_error,
-        )
-
-    def update_env(self, changes: Mapping[str, str | None]) -> None:
-        """Change the environment of later (re)starts; ``None`` removes a variable."""
-        env = dict(self.spec.env)
-        for name, value in changes.items():
-            if value is None:
-                env.pop(name, None)
-            else:
-                env[name] = value
-        self.spec = replace(self.spec, env=env)
-
-    async def start(self) -> None:
-        """Spawn ComfyUI, wait until it answers, then keep watching it; no-op while it runs."""
-        async with self._lock:
-            if self.pid is None:
-                await self._launch()
-        if self._watchdog is None:
-            self._watchdog = asyncio.create_task(self._watch(), name=f"comfy-watchdog-{self.spec.index}")
-
-    async def stop(self) -> None:
-        task, self._watchdog = self._watchdog, None
-        if task is not None:
-            task.cancel()
-            await asyncio.wait({task})
-        async with self._lock:
-            await self._terminate()
-        self._state = "stopped"
-        await self._close_client()
-
-    async def restart(self) -> bool:
-        """Stop and start again; raises ``ComfyStartError`` when the new process does not come up."""
-        async with self._lock:
-            await self._relaunch()
-        return True
-
-    async def hold(self) -> None:
-        """Stop the process and keep the watchdog off it until ``release()`` (used by restart_gpu)."""
-        await self._lock.acquire()
-        try:
-            await self._terminate()
-            self._state = "restarting"
-        except BaseException:
-            self._lock.release()
-            raise
-
-    async def release(self, *, start: bool = True) -> None:
-        """Start the process stopped by ``hold()`` (or leave it to the watchdog with start=False)."""
-        try:
-            if start:
-                await self._relaunch()
-        finally:
-            self._lock.release()
-
-    # -- lifecycle, always under self._lock
-
-    async def _relaunch(self) -> None:
-        await self._terminate()
-        self.restarts += 1
-        await self._launch()
-
-    async def _launch(self) -> None:
-        self._state = "starting"
-        proc = await self._spawn()
-        self._proc = proc
-        self.generation += 1
-        try:
-            await self._wait_ready(proc)
-        except BaseException as exc:  # cancelled too: never leave a half-started process behind
-            await self._terminate()
-            self._state = "failed"
-            if isinstance(exc, ComfyStartError):
-                self.last_error = str(exc)
-            raise
-        self._state = "ready"
-        self._failed_probes = 0
-        self._started_at = time.monotonic()
-        self._lost_reported = False
-        log.info("ComfyUI slot %d ready at %s (pid %d)", self.spec.index, self.url, proc.pid)
-
-    async def _spawn(self) -> asyncio.subprocess.Process:
-        spec = self.spec
-        spec.create_dirs()
-        argv = spec.argv(self._python, self._install_dir)
-        logfile = _open_log(spec.log_path, f"comfyfleet: starting slot {spec.index}: {' '.join(argv)}")
-        try:
-            return await asyncio.create_subprocess_exec(
-                *argv,
-                cwd=str(self._install_dir),
-                env={**os.environ, **spec.env},
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=logfile,
-                stderr=asyncio.subprocess.STDOUT,
-                # Its own process group, so stop() can reach whatever ComfyUI or a custom node forks.
-                start_new_session=True,
-            )
-        finally:
-            logfile.close()
-
-    async def _wait_ready(self, proc: asyncio.subprocess.Process) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._startup_timeout
-        while True:
-            if proc.returncode is not None:
-                raise ComfyStartError(
-                    f"ComfyUI slot {self.spec.index} exited with code {proc.returncode} during start-up; "
-                    f"last lines of {self.spec.log_path}:\n{_tail(self.spec.log_path)}"
-                )
-            if await self.healthy():
-                return
-            if loop.time() >= deadline:
-                raise ComfyStartError(
-                    f"ComfyUI slot {self.spec.index} did not answer {self.url}/system_stats within "
-                    f"{self._startup_timeout:g} s; last lines of {self.spec.log_path}:\n"
-                    f"{_tail(self.spec.log_path)}"
-                )
-            # Wakes up at once if the process exits meanwhile.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(proc.wait(), _READY_POLL)
-
-    async def _terminate(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        group = proc.pid  # start_new_session made it the leader of a group with its own id
-        if proc.returncode is None:
-            # ComfyUI ignores SIGINT when it runs in the background, so SIGTERM. SIGCONT because a
-            # stopped (SIGSTOP) process only acts on SIGTERM once it runs again.
-            _signal_group(group, signal.SIGTERM)
-            _signal_group(group, signal.SIGCONT)
-            try:
-                await asyncio.wait_for(proc.wait(), self._stop_grace)
-            except TimeoutError:
-                log.warning("ComfyUI slot %d ignored SIGTERM for %g s", self.spec.index, self._stop_grace)
-        # Children that outlive ComfyUI would keep GPU memory or the port: kill the whole group.
-        _signal_group(group, signal.SIGKILL)
-        await proc.wait()
-
-    # -- watchdog
-
-    async def _watch(self) -> None:
-        while True:
-            try:
-                await self._watch_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("watchdog of ComfyUI slot %d failed; it carries on", self.spec.index)
-                await asyncio.sleep(self._health_interval)
-
-    async def _watch_once(self) -> None:
-        if self._lock.locked():  # a start, stop or restart is under way elsewhere
-            await asyncio.sleep(self._health_interval)
-            return
-        proc = self._proc
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(proc.wait(), self._health_interval)
-            if proc.returncode is None:
-                ok = await self.healthy()
-                if proc is self._proc and not self._lock.locked():
-                    self._record_probe(ok)
-                return
-        if self._lock.locked() or proc is not self._proc:
-            return
-        await self._died(self.generation)
-
-    async def _died(self, generation: int) -> None:
-        proc = self._proc
-        # None after a failed start, so a crash loop keeps backing off instead of starting over.
-        self.last_uptime = time.monotonic() - self._started_at if self._started_at is not None else None
-        self._started_at = None
-        if proc is not None:
-            self.last_error = f"ComfyUI exited with code {proc.returncode}"
-            log.warning("ComfyUI slot %d died (code %s)", self.spec.index, proc.returncode)
-        self._state = "restarting"
-        if self._on_death is not None:
-            await self._on_death(self, generation)
-            return
-        if not self._lost_reported:
-            self._lost_reported = True
-            await notify_slot_lost(self._on_lost, self.spec)
-        await asyncio.sleep(self._backoff.next_delay(self.last_uptime))
-        async with self._lock:
-            if generation != self.generation:
-                return  # someone restarted it meanwhile
-            try:
-                await self._relaunch()
-            except ComfyStartError as exc:
-                log.error("restarting ComfyUI slot %d failed: %s", self.spec.index, exc)
-
-
-# ---------------------------------------------------------------------------------- attached ComfyUI
-
-
-class AttachedComfy(_Monitored):
-    """A ComfyUI something else runs: watched, never started, stopped or restarted."""
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        startup_timeout: float = 60.0,
-        health_interval: float = 5.0,
-        health_timeout: float = 2.0,
-        unhealthy_after: int = 3,
-    ) -> None:
-        super().__init__(url.rstrip("/"), health_timeout=health_timeout, unhealthy_after=unhealthy_after)
-        self._startup_timeout = startup_timeout
-        self._health_interval = health_interval
-        self._watchdog: asyncio.Task[None] | None = None
-
-    def status(self) -> SlotStatus:
-        return SlotStatus(
-            index=0,
-            gpu=None,
-            url=self.url,
-            state=self._state,
-            pid=None,
-            restarts=0,
-            last_error=self.last_error,
-        )
-
-    async def start(self) -> None:
-        """Wait until the ComfyUI answers, then keep probing it."""
-        self._state = "starting"
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._startup_timeout
-        while not await self.healthy():
-            if loop.time() >= deadline:
-                self._state = "failed"
-                self.last_error = f"no answer from {self.url}/system_stats within {self._startup_timeout:g} s"
-                raise ComfyStartError(self.last_error)
-            await asyncio.sleep(_READY_POLL)
-        self._state = "ready"
-        if self._watchdog is None:
-            self._watchdog = asyncio.create_task(self._watch(), name="comfy-watchdog-attached")
-
-    async def stop(self) -> None:
-        task, self._watchdog = self._watchdog, None
-        if task is not None:
-            task.cancel()
-            await asyncio.wait({task})
-        self._state = "stopped"
-        await self._close_client()
-
-    async def restart(self) -> bool:
-        log.warning("cannot restart the ComfyUI at %s: this host did not start it", self.url)
-        return False
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self._health_interval)
-            self._record_probe(await self.healthy())
-
-
-# --------------------------------------------------------------------------------------------- MPS
-
-
-class MpsDaemon:
-    """The NVIDIA MPS control daemon of one GPU, with its own pipe and log folders."""
-
-    def __init__(
-        self,
-        gpu: int,
-        root: Path,
-        *,
-        control: str = MPS_CONTROL,
-        nvidia_smi: str = NVIDIA_SMI,
-        timeout: float = 15.0,
-    ) -> None:
-        self.gpu = gpu
-        self.pipe_dir = root / f"gpu{gpu}" / "pipe"
-        self.log_dir = root / f"gpu{gpu}" / "log"
-        # The daemon remaps the devices it sees, so a client's CUDA_VISIBLE_DEVICES index would be
-        # read against the remapped list; a GPU UUID means the same device to both (NVIDIA's advice).
-        self.device = str(gpu)
-        self._control = control
-        self._nvidia_smi = nvidia_smi
-        self._timeout = timeout
-
-    def client_env(self) -> dict[str, str]:
-        return {
-            "CUDA_VISIBLE_DEVICES": self.device,
-            "CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir),
-            "CUDA_MPS_LOG_DIRECTORY": str(self.log_dir),
-        }
-
-    async def start(self) -> None:
-        control = shutil.which(self._control)
-        if control is None:
-            raise MpsUnavailable(f"{self._control} not found")
-        self.device = await self._gpu_uuid()
-        self.pipe_dir.mkdir(parents=True, exist_ok=True)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        # -d forks the daemon; its output goes to a file because a pipe it inherits would stay open.
-        code, output = await _run(
-            [control, "-d"],
-            env=self._env(),
-            timeout=self._timeout,
-            output_file=self.log_dir / "control-start.out",
-        )
-        if code != 0:
-            raise MpsUnavailable(f"`{self._control} -d` for GPU {self.gpu} exited with {code}: {output}")
-        code, output = await _run(
-            [control], env=self._env(), stdin=b"get_server_list\n", timeout=self._timeout
-        )
-        if code != 0:
-            raise MpsUnavailable(f"MPS control daemon for GPU {self.gpu} does not answer: {output}")
-        log.info("MPS control daemon running for GPU %d (%s)", self.gpu, self.device)
-
-    async def stop(self) -> None:
-        control = shutil.which(self._control)
-        if control is None:
-            return
-        code, output = await _run([control], env=self._env(), stdin=b"quit\n", timeout=self._timeout)
-        if code != 0:
-            log.warning("stopping the MPS control daemon of GPU %d: %s", self.gpu, output)
-
-    async def restart(self) -> None:
-        await self.stop()
-        await self.start()
-
-    def _env(self) -> dict[str, str]:
-        return {**os.environ, **self.client_env()}
-
-    async def _gpu_uuid(self) -> str:
-        smi = shutil.which(self._nvidia_smi)
-        if smi is None:
-            raise MpsUnavailable(f"{self._nvidia_smi} not found (needed to name GPU {self.gpu} by UUID)")
-        code, output = await _run(
-            [smi, "--query-gpu=uuid", "--format=csv,noheader", "-i", str(self.gpu)],
-            env=dict(os.environ),
-            timeout=self._timeout,
-        )
-        uuid = output.strip().splitlines()[0].strip() if output.strip() else ""
-        if code != 0 or not uuid.startswith(("GPU-", "MIG-")):
-            raise MpsUnavailable(f"cannot read the UUID of GPU {self.gpu}: {output.strip() or code}")
-        return uuid
 
 
 # -------------------------------------------------------------------------------------- supervisor
@@ -921,77 +387,3 @@ class Supervisor:
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             raise ComfyStartError(f"GPU {gpu}: " + "; ".join(str(e) for e in errors)) from errors[0]
-
-
-# ----------------------------------------------------------------------------------------- helpers
-
-
-async def notify_slot_lost(callback: SlotLostCallback | None, spec: SlotSpec) -> None:
-    """Run the worker's callback; its failure must not stop the restart."""
-    if callback is None:
-        return
-    try:
-        result = callback(spec)
-        if inspect.isawaitable(result):
-            await result
-    except Exception:
-        log.exception("on_slot_lost failed for slot %d", spec.index)
-
-
-def _signal_group(group: int, signum: signal.Signals) -> None:
-    # The group is gone once its last member is reaped; nothing left to signal then.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(group, signum)
-
-
-def _open_log(path: Path, header: str) -> IO[bytes]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    logfile = path.open("ab")
-    logfile.write(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {header}\n".encode())
-    logfile.flush()
-    return logfile
-
-
-def _open_sink(path: Path) -> IO[bytes]:
-    return path.open("wb")
-
-
-def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-async def _run(
-    argv: list[str],
-    *,
-    env: Mapping[str, str],
-    timeout: float,
-    stdin: bytes | None = None,
-    output_file: Path | None = None,
-) -> tuple[int, str]:
-    """Run a short helper command; returns its exit code and output (or the output file's tail)."""
-    sink = _open_sink(output_file) if output_file is not None else None
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            env=dict(env),
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=sink if sink is not None else asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-    finally:
-        if sink is not None:
-            sink.close()
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(stdin), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        return -1, f"{argv[0]} did not finish within {timeout:g} s"
-    text = out.decode(errors="replace") if out else ""
-    if output_file is not None:
-        text = _tail(output_file)
-    return proc.returncode if proc.returncode is not None else -1, text.strip()
