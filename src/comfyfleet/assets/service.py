@@ -19,11 +19,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from comfyfleet.assets import repository as repo
 from comfyfleet.assets.repository import AssetRow, BlobRow
 from comfyfleet.errors import NotFound, Retryable, ValidationFailed
+from comfyfleet.filenames import sanitize_filename
 from comfyfleet.runtime import Runtime
 from comfyfleet.security.media_fetch import canonical_content_type, sniff_content_type
 from comfyfleet.storage.base import StorageError, blob_key
 from comfyfleet.timeutil import utcnow
-from comfyfleet.worker.comfy.graph import sanitize_filename
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ def parse_hash(value: str) -> str:
     """``blake3:<64 hex>`` → the hex; a bad hash is a 422, not a lookup."""
     value = value.strip().lower()
     hex_part = value.removeprefix(HASH_PREFIX)
-    if not value.startswith(HASH_PREFIX) or len(hex_part) != 64 or any(c not in "0123456789abcdef" for c in hex_part):
+    well_formed = len(hex_part) == 64 and all(c in "0123456789abcdef" for c in hex_part)
+    if not value.startswith(HASH_PREFIX) or not well_formed:
         raise ValidationFailed("A hash is 'blake3:' followed by 64 hex digits", code="invalid_request")
     return hex_part
 
@@ -53,12 +54,16 @@ def decide_content_type(declared: str | None, head: bytes, file_path: str | None
     bytes contradict is refused, so ComfyUI never receives a PNG that is not one."""
     sniffed = sniff_content_type(head)
     declared_type = canonical_content_type(declared) if declared else ""
-    if declared_type.startswith(_CHECKED_FAMILIES) and sniffed != declared_type:
-        if sniffed is None or sniffed.split("/")[0] != declared_type.split("/")[0] or not _compatible(declared_type, sniffed):
-            raise ValidationFailed(
-                f"Declared content type {declared_type} but the bytes are {sniffed or 'not a known media format'}",
-                code="content_type_mismatch",
-            )
+    confirmed = (
+        sniffed is not None
+        and sniffed.split("/")[0] == declared_type.split("/")[0]
+        and _compatible(declared_type, sniffed)
+    )
+    if declared_type.startswith(_CHECKED_FAMILIES) and not confirmed:
+        actual = sniffed or "not a known media format"
+        raise ValidationFailed(
+            f"Declared content type {declared_type} but the bytes are {actual}", code="content_type_mismatch"
+        )
     if sniffed:
         return sniffed
     if declared_type and declared_type != "application/octet-stream":
@@ -68,8 +73,11 @@ def decide_content_type(declared: str | None, head: bytes, file_path: str | None
 
 
 def _compatible(declared: str, sniffed: str) -> bool:
-    families = ({"video/mp4", "video/quicktime", "audio/mp4"}, {"video/webm", "audio/webm", "video/x-matroska"},
-                {"audio/ogg", "video/ogg"})
+    families = (
+        {"video/mp4", "video/quicktime", "audio/mp4"},
+        {"video/webm", "audio/webm", "video/x-matroska"},
+        {"audio/ogg", "video/ogg"},
+    )
     return declared == sniffed or any(declared in f and sniffed in f for f in families)
 
 
@@ -133,7 +141,9 @@ async def asset_from_hash(
     blob = await repo.get_blob(conn, tenant_id, HASH_PREFIX + blob_hex)
     if blob is None:
         raise NotFound("No blob with this hash", code="blob_not_found")
-    known = await repo.find_asset_by_hash(conn, tenant_id, blob.hash, file_path=None) if content_type is None else None
+    known = None
+    if content_type is None:
+        known = await repo.find_asset_by_hash(conn, tenant_id, blob.hash, file_path=None)
     kind = content_type or (known.content_type if known else None) or "application/octet-stream"
     asset, created = await record_asset(
         conn, tenant_id=tenant_id, blob_hash=blob.hash, size=blob.size_bytes, content_type=kind,
@@ -212,7 +222,8 @@ async def commit_output(
     transaction that records the asset; when it answers False nothing is recorded and None is
     returned (the worker's way to commit no output once a cancel was accepted)."""
     blob_hex, size, head = await asyncio.to_thread(hash_file, path)
-    kind = content_type or sniff_content_type(head) or mimetypes.guess_type(name)[0] or "application/octet-stream"
+    guessed = mimetypes.guess_type(name)[0]
+    kind = content_type or sniff_content_type(head) or guessed or "application/octet-stream"
     attempts = max(1, runtime.settings.storage_retries)
     for attempt in range(1, attempts + 1):
         try:
@@ -222,7 +233,8 @@ async def commit_output(
             if attempt == attempts:
                 raise Retryable(f"Storing output {name} failed after {attempts} attempts: {exc}") from exc
             delay = min(8.0, 0.2 * 2 ** (attempt - 1))
-            log.warning("storing output %s failed (attempt %d/%d): %s; retrying in %.1fs", name, attempt, attempts, exc, delay)
+            log.warning("storing output %s failed (attempt %d/%d): %s; retrying in %.1fs",
+                        name, attempt, attempts, exc, delay)
             await asyncio.sleep(delay)
     async with runtime.engine.begin() as conn:
         if guard is not None and not await guard(conn):

@@ -57,7 +57,7 @@ async def parse_upload(
     boundary = params.get(b"boundary")
     if media_type != b"multipart/form-data" or not boundary:
         raise ValidationFailed("Send the upload as multipart/form-data", code="invalid_request")
-    spool_dir.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(spool_dir.mkdir, parents=True, exist_ok=True)
     result = ParsedUpload()
     state = _PartState(result, spool_dir, max_file_bytes)
     parser = MultipartParser(boundary, state.callbacks())  # type: ignore[arg-type]  # a TypedDict of callbacks
@@ -146,7 +146,8 @@ class _PartState:
             length = end - start
             self.result.size += length
             if self.result.size > self.max_file_bytes:
-                self.error = PayloadTooLarge(f"The file exceeds this plan's upload limit of {self.max_file_bytes} bytes")
+                limit = self.max_file_bytes
+                self.error = PayloadTooLarge(f"The file exceeds this plan's upload limit of {limit} bytes")
                 return
             if len(self.result.head) < SNIFF_BYTES:
                 self.result.head += data[start : min(end, start + SNIFF_BYTES - len(self.result.head))]
@@ -173,7 +174,8 @@ class _PartState:
             # than two buffers exist however fast the client sends.
             if self.in_flight is not None:
                 await self.in_flight
-            self.in_flight = asyncio.get_running_loop().run_in_executor(None, self._consume, self.file, buffer)
+            loop = asyncio.get_running_loop()
+            self.in_flight = loop.run_in_executor(None, self._consume, self.file, buffer)
         if self.file_ended:
             if self.in_flight is not None:
                 await self.in_flight

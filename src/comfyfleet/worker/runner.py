@@ -33,7 +33,10 @@ from comfyfleet.runtime import Runtime
 from comfyfleet.worker.comfy import events as ev
 from comfyfleet.worker.comfy.catalog import NodeCatalog
 from comfyfleet.worker.comfy.client import ComfyClient, ComfyError, ComfyUnavailable, ComfyValidationError
-from comfyfleet.worker.comfy.graph import NodePolicy, find_asset_refs, prepare_for_run, sanitize_filename
+from comfyfleet.filenames import sanitize_filename
+from comfyfleet.worker.comfy.graph import find_asset_refs
+from comfyfleet.worker.comfy.policy import NodePolicy
+from comfyfleet.worker.comfy.rewrite import prepare_for_run
 from comfyfleet.worker.outputs import output_type
 from comfyfleet.worker.progress import ProgressTracker
 
@@ -160,7 +163,7 @@ class _Run:
                                          extra_data=self.ctx.job.extra_data or None)
         except ComfyValidationError as exc:
             return Failed("invalid_workflow", f"ComfyUI rejected the workflow: {exc.message}",
-                          details={"comfyui_error": exc.error, "node_errors": exc.node_errors})
+                          details=comfyui_validation_details(exc.error, exc.node_errors))
         except ComfyError as exc:
             return Retry(f"ComfyUI unavailable at submit: {exc.message}")
         del result
@@ -293,6 +296,26 @@ class _Run:
         self.runtime.extras.setdefault("latest_previews", {})[self.ctx.job.id] = payload
         if self.ctx.publish is not None:
             await self.ctx.publish("preview", payload)
+
+
+def comfyui_validation_details(error: dict[str, Any], node_errors: dict[str, Any]) -> dict[str, Any]:
+    """ComfyUI's 400 in the shape of our own submit-time 422 (graph.py), so a client reads per-node
+    errors one way whichever side found them; ComfyUI's own body is kept beside it."""
+    converted: dict[str, list[dict[str, str]]] = {}
+    for node_id, entry in node_errors.items():
+        errors = entry.get("errors") if isinstance(entry, dict) else None
+        for item in errors if isinstance(errors, list) else []:
+            if not isinstance(item, dict):
+                continue
+            message = str(item.get("message") or item.get("type") or "invalid")
+            if item.get("details"):
+                message = f"{message}: {item['details']}"
+            detail = {"type": str(item.get("type") or "invalid_input"), "message": message}
+            extra = item.get("extra_info")
+            if isinstance(extra, dict) and isinstance(extra.get("input_name"), str):
+                detail["input"] = extra["input_name"]
+            converted.setdefault(str(node_id), []).append(detail)
+    return {"node_errors": converted, "comfyui_error": error, "comfyui_node_errors": node_errors}
 
 
 def _terminal_from_done(done: ev.Done) -> ev.ComfyEvent:

@@ -31,7 +31,9 @@ TINY_UPLOAD = 4096
 
 def png_bytes(width: int = 8, height: int = 6, seed: int = 0) -> bytes:
     image = Image.new("RGB", (width, height))
-    image.putdata([((x * 31 + seed) % 256, (y * 17) % 256, seed % 256) for y in range(height) for x in range(width)])
+    pixels = [((x * 31 + seed) % 256, (y * 17) % 256, seed % 256)
+              for y in range(height) for x in range(width)]
+    image.putdata(pixels)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()

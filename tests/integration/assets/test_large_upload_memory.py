@@ -19,7 +19,10 @@ import httpx
 import pytest
 from tests.conftest import TEST_SECRETS
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc"),
+]
 
 SIZE = 2 * 1024**3
 BLOCK = 1024**2
@@ -135,7 +138,7 @@ async def test_two_gigabyte_upload_keeps_server_memory_flat(server: tuple[str, s
     assert body["hash"] == "blake3:" + hasher.hexdigest()
     peak = peak_rss(pid)
     grown = peak - baseline
-    print(f"server peak RSS {baseline / 1024**2:.0f} MiB before, {peak / 1024**2:.0f} MiB after a 2 GiB upload")
+    print(f"server peak RSS {baseline / 2**20:.0f} MiB before, {peak / 2**20:.0f} MiB after a 2 GiB upload")
     assert grown < HEADROOM, f"server peak RSS grew by {grown / 1024**2:.0f} MiB during a 2 GiB upload"
     # The upload went to the store, and the spool copy is gone.
     assert (data_dir / "storage" / "tenants").exists()

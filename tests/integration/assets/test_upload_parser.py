@@ -60,7 +60,9 @@ async def test_spooled_file_and_hash_are_exact(tmp_path: Path, length: int, chun
 async def test_over_the_cap_fails_and_leaves_no_spool_file(tmp_path: Path) -> None:
     raw = body(os.urandom(3 * FLUSH_BYTES))
     with pytest.raises(PayloadTooLarge):
-        await parse_upload(chunks(raw, 65536), CONTENT_TYPE, spool_dir=tmp_path, max_file_bytes=FLUSH_BYTES + 5)
+        await parse_upload(
+            chunks(raw, 65536), CONTENT_TYPE, spool_dir=tmp_path, max_file_bytes=FLUSH_BYTES + 5
+        )
     assert list(tmp_path.iterdir()) == []
 
 

@@ -66,7 +66,8 @@ async def test_declared_png_that_is_not_a_png_is_refused(env: AssetEnv, where: s
         response = await env.upload(env.alice, jpeg, part_type="image/png")
     else:
         response = await env.upload(
-            env.alice, b"just text", part_type="application/octet-stream", fields={"content_type": "image/png"}
+            env.alice, b"just text", part_type="application/octet-stream",
+            fields={"content_type": "image/png"},
         )
     assert response.status_code == 422
     assert error_of(response)["code"] == "content_type_mismatch"
@@ -75,7 +76,9 @@ async def test_declared_png_that_is_not_a_png_is_refused(env: AssetEnv, where: s
 
 async def test_content_type_is_sniffed_from_the_bytes(env: AssetEnv) -> None:
     # Declared as a generic type, recorded as what the magic bytes say.
-    response = await env.upload(env.alice, png_bytes(seed=5), filename="x.bin", part_type="application/octet-stream")
+    response = await env.upload(
+        env.alice, png_bytes(seed=5), filename="x.bin", part_type="application/octet-stream"
+    )
     assert response.status_code == 201
     assert response.json()["content_type"] == "image/png"
 
@@ -99,7 +102,9 @@ async def test_file_names_keep_no_path_parts(env: AssetEnv, raw: str, expected: 
     assert env.keys(env.alice) == [f"tenants/{env.alice.id}/blobs/{blob_hex}"]
 
     minted = await env.client.post(
-        "/api/v2/assets/from-hash", json={"hash": body["hash"], "file_path": raw + ".2"}, headers=env.alice.headers
+        "/api/v2/assets/from-hash",
+        json={"hash": body["hash"], "file_path": raw + ".2"},
+        headers=env.alice.headers,
     )
     assert minted.status_code == 200 and "/" not in minted.json()["file_path"]
     assert "\\" not in minted.json()["file_path"]
@@ -120,7 +125,8 @@ async def test_any_file_name_makes_a_valid_download_header(env: AssetEnv) -> Non
             content = await direct.get(content.headers["location"])
     assert content.status_code == 200
     # RFC 6266: an ASCII fallback plus the exact name in filename*, whatever the disposition type.
-    assert content.headers["content-disposition"].split(";", 1)[1] == content_disposition(name).split(";", 1)[1]
+    disposition = content.headers["content-disposition"]
+    assert disposition.split(";", 1)[1] == content_disposition(name).split(";", 1)[1]
 
 
 async def test_idempotency_key_replays_and_refuses_another_file(env: AssetEnv) -> None:
@@ -170,5 +176,7 @@ async def test_inline_bytes_only_on_request_and_only_when_small(make_env: AssetE
     assert error["details"] == {"size_bytes": len(big), "inline_max_bytes": 1024}
 
     # Inline never bypasses isolation: bob asking for alice's small asset gets the usual 404.
-    foreign = await env.client.get(f"/api/v2/assets/{small_id}", params={"inline": "true"}, headers=env.bob.headers)
+    foreign = await env.client.get(
+        f"/api/v2/assets/{small_id}", params={"inline": "true"}, headers=env.bob.headers
+    )
     assert foreign.status_code == 404 and re.search(small_id, foreign.text) is None

@@ -16,6 +16,7 @@ import pytest
 from tests.integration.assets.conftest import AssetEnv, AssetEnvFactory, png_bytes
 
 from comfyfleet.assets import service
+from comfyfleet.assets.repository import AssetRow
 from comfyfleet.errors import Retryable
 from comfyfleet.storage.base import SignedUrl, Storage, StorageError
 from comfyfleet.timeutil import utcnow
@@ -57,8 +58,12 @@ class FailingStorage:
     async def get_to_file(self, key: str, path: str) -> None:
         await self.inner.get_to_file(key, path)
 
-    async def download_url(self, key: str, *, filename: str, content_type: str, lifetime_s: int) -> SignedUrl:
-        return await self.inner.download_url(key, filename=filename, content_type=content_type, lifetime_s=lifetime_s)
+    async def download_url(
+        self, key: str, *, filename: str, content_type: str, lifetime_s: int
+    ) -> SignedUrl:
+        return await self.inner.download_url(
+            key, filename=filename, content_type=content_type, lifetime_s=lifetime_s
+        )
 
 
 def failing(env: AssetEnv, **kwargs: int | bool) -> FailingStorage:
@@ -67,11 +72,13 @@ def failing(env: AssetEnv, **kwargs: int | bool) -> FailingStorage:
     return wrapper
 
 
-async def commit(env: AssetEnv, path: Path, job_id: str) -> service.AssetRow:
-    return await service.commit_output(
+async def commit(env: AssetEnv, path: Path, job_id: str) -> AssetRow:
+    asset = await service.commit_output(
         env.runtime, tenant_id=env.alice.id, job_id=job_id, job_expires_at=utcnow() + timedelta(days=1),
         path=path, node_id="9", output_type="image", name="../out/ComfyUI_00001_.png",
     )
+    assert asset is not None  # no guard given, so always recorded
+    return asset
 
 
 async def test_commit_retries_storage_errors_then_succeeds(make_env: AssetEnvFactory, tmp_path: Path) -> None:
@@ -86,14 +93,17 @@ async def test_commit_retries_storage_errors_then_succeeds(make_env: AssetEnvFac
 
     assert storage.put_calls == 3
     assert (asset.job_id, asset.node_id, asset.output_type) == (job_id, "9", "image")
-    assert (asset.file_path, asset.content_type, asset.size_bytes) == ("ComfyUI_00001_.png", "image/png", len(data))
+    assert asset.file_path == "ComfyUI_00001_.png"  # no folder of the produced name survives
+    assert (asset.content_type, asset.size_bytes) == ("image/png", len(data))
     assert env.keys(env.alice) == [f"tenants/{env.alice.id}/blobs/{asset.hash.removeprefix('blake3:')}"]
     content = await env.client.get(f"/api/v2/assets/{asset.id}/content", headers=env.alice.headers,
                                    follow_redirects=False)
     assert content.status_code == (302 if env.backend == "s3" else 200)
 
 
-async def test_commit_surfaces_retryable_after_the_last_retry(make_env: AssetEnvFactory, tmp_path: Path) -> None:
+async def test_commit_surfaces_retryable_after_the_last_retry(
+    make_env: AssetEnvFactory, tmp_path: Path
+) -> None:
     env = await make_env(storage_retries=3)
     storage = failing(env, put_failures=100)
     produced = tmp_path / "ComfyUI_00001_.png"

@@ -45,6 +45,19 @@ class Service:
     def runtime(self) -> Runtime:
         return self.server.runtime
 
+    async def runtime_job_status(self, job_id: str, timeout: float = 30.0) -> str:
+        """The terminal status of any tenant's job, read from the database."""
+        from comfyfleet.jobs import repository as job_repo
+        from tests.integration.worker.helpers import TERMINAL
+
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            async with self.runtime.engine.connect() as conn:
+                status = await job_repo.read_status(conn, job_id)
+            if status in TERMINAL or asyncio.get_running_loop().time() > deadline:
+                return str(status)
+            await asyncio.sleep(0.02)
+
     async def other_tenant_client(self) -> httpx.AsyncClient:
         other = await make_tenant(self.runtime.engine, self.runtime.settings, plan="unlimited")
         return httpx.AsyncClient(base_url=self.server.url, headers=other.headers, timeout=30)

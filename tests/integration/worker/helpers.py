@@ -126,3 +126,50 @@ async def eventually(check: Callable[[], Awaitable[bool]], *, timeout: float = 2
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def upload_asset(
+    http: httpx.AsyncClient, data: bytes, *, filename: str, content_type: str
+) -> dict[str, Any]:
+    """Upload bytes as an asset; returns the ``info`` of a ``core/ASSET`` reference to it."""
+    response = await http.post(
+        "/api/v2/assets",
+        files={"file": (filename, data, content_type)},
+        data={"file_path": filename, "content_type": content_type},
+    )
+    assert response.status_code in (200, 201), response.text
+    body = response.json()
+    return {"id": body["id"], "hash": body.get("hash"), "file_path": filename}
+
+
+def png_bytes(width: int = 8, height: int = 8, colour: tuple[int, int, int] = (10, 200, 30)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def load_image(image: object) -> dict[str, Any]:
+    """LoadImage → ImageInvert → SaveImage with ``image`` as LoadImage's value, whatever it is."""
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "out"}},
+    }
+
+
+def node_error_types(details: dict[str, Any], node_id: str) -> list[str]:
+    return [error["type"] for error in details.get("node_errors", {}).get(node_id, [])]
+
+
+async def forget_catalog(runtime: Any) -> None:
+    """Drop the node catalog the workers published, so submissions skip the catalog check and what
+    the worker or ComfyUI does with a bad graph can be observed (as with a stale catalog)."""
+    from comfyfleet.db.tables import node_catalogs
+
+    async with runtime.engine.begin() as conn:
+        await conn.execute(node_catalogs.delete())
+    runtime.catalog_cache.invalidate()

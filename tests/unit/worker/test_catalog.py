@@ -16,7 +16,7 @@ import pytest
 
 from comfyfleet.errors import ValidationFailed
 from comfyfleet.worker.comfy.catalog import InputSpec, NodeCatalog, types_compatible, validate_against_catalog
-from comfyfleet.worker.comfy.graph import DEFAULT_DENIED
+from comfyfleet.worker.comfy.policy import DEFAULT_DENIED
 
 OBJECT_INFO: dict[str, Any] = json.loads((Path(__file__).parent / "object_info_sample.json").read_text())
 CATALOG = NodeCatalog(OBJECT_INFO)

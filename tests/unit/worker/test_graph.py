@@ -13,16 +13,10 @@ from typing import Any
 import pytest
 
 from comfyfleet.errors import ValidationFailed
-from comfyfleet.worker.comfy.graph import (
-    DEFAULT_DENIED,
-    AssetRef,
-    NodePolicy,
-    check_policy,
-    find_asset_refs,
-    prepare_for_run,
-    sanitize_filename,
-    validate_api_format,
-)
+from comfyfleet.filenames import sanitize_filename
+from comfyfleet.worker.comfy.graph import AssetRef, find_asset_refs, validate_api_format
+from comfyfleet.worker.comfy.policy import DEFAULT_DENIED, NodePolicy, check_policy
+from comfyfleet.worker.comfy.rewrite import prepare_for_run
 
 HASH = "blake3:" + "ab" * 32
 JOB_PREFIX = "jobs/job-1"

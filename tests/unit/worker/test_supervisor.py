@@ -246,7 +246,8 @@ async def test_start_fails_with_the_log_when_comfyui_exits(tmp_path: Path) -> No
 
 
 async def test_start_gives_up_after_the_timeout_and_kills_the_process(tmp_path: Path) -> None:
-    supervisor = make_supervisor(tmp_path, startup_timeout=0.5, env={"FAKE_COMFY_STARTUP_DELAY": "60"})
+    # Long enough for the fake to start and log its pid on a loaded machine, far below its 60 s delay.
+    supervisor = make_supervisor(tmp_path, startup_timeout=3.0, env={"FAKE_COMFY_STARTUP_DELAY": "60"})
     with pytest.raises(ComfyStartError, match="did not answer"):
         await supervisor.start()
     match = re.search(r"fake comfy pid=(\d+) starting", supervisor.slots[0].log_path.read_text())

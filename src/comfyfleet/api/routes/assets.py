@@ -116,7 +116,7 @@ async def asset_from_hash(request: Request, principal: AssetsWriter) -> Json:
     runtime = get_runtime(request)
     body, _ = await read_json(request, runtime.settings.max_body_bytes)
     if not isinstance(body, dict) or not isinstance(body.get("hash"), str):
-        raise ValidationFailed("Send {\"hash\": \"blake3:<hex>\", \"file_path\"?: ...}", code="invalid_request")
+        raise ValidationFailed('Send {"hash": "blake3:<hex>", "file_path"?: ...}', code="invalid_request")
     file_path = body.get("file_path")
     if file_path is not None and not isinstance(file_path, str):
         raise ValidationFailed("'file_path' must be a string", code="invalid_request")
@@ -126,8 +126,9 @@ async def asset_from_hash(request: Request, principal: AssetsWriter) -> Json:
     blob_hex = service.parse_hash(body["hash"])
     async with runtime.engine.begin() as conn:
         stored = await service.asset_from_hash(
-            conn, tenant_id=principal.tenant_id, blob_hex=blob_hex, file_path=service.clean_file_path(file_path),
-            tags=parse_tags(tags), retention_s=principal.plan.retention_s,
+            conn, tenant_id=principal.tenant_id, blob_hex=blob_hex,
+            file_path=service.clean_file_path(file_path), tags=parse_tags(tags),
+            retention_s=principal.plan.retention_s,
         )
     return await _answer(runtime, stored)
 

@@ -28,5 +28,6 @@ async def local_download(
     grant = storage.verify_signed(token)
     if not await storage.exists(grant.key):
         raise NotFound("Not found")
-    return stream_blob(runtime, grant.key, size=await storage.size(grant.key), content_type=grant.content_type,
+    size = await storage.size(grant.key)
+    return stream_blob(runtime, grant.key, size=size, content_type=grant.content_type,
                        filename=grant.filename, range_header=range_header)

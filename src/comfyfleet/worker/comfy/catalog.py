@@ -21,12 +21,9 @@ from types import MappingProxyType
 from typing import Any
 
 from comfyfleet.worker.comfy.graph import (
-    DEFAULT_DENIED,
     FILENAME_PREFIX,
-    KNOWN_FILE_INPUTS,
     NO_NODE_LIMIT,
     NodeErrors,
-    NodePolicy,
     graph_error,
     is_asset_ref,
     is_link,
@@ -34,6 +31,7 @@ from comfyfleet.worker.comfy.graph import (
     short_repr,
     validate_api_format,
 )
+from comfyfleet.worker.comfy.policy import DEFAULT_DENIED, KNOWN_FILE_INPUTS, NodePolicy
 
 COMBO = "COMBO"
 # Types that link to anything: ComfyUI's any-type and the V3 generic types the frontend resolves.
@@ -149,7 +147,7 @@ class NodeCatalog:
         self, *, allowed: frozenset[str] | None = None, denied: frozenset[str] = DEFAULT_DENIED
     ) -> NodePolicy:
         """A node policy bounded by this catalog: unknown classes are refused, file inputs are the
-        ones this ComfyUI flags for upload plus the ones ``graph.KNOWN_FILE_INPUTS`` names."""
+        ones this ComfyUI flags for upload plus the ones ``policy.KNOWN_FILE_INPUTS`` names."""
         file_inputs = dict(KNOWN_FILE_INPUTS)
         for class_type in self._inputs:
             if names := self.file_inputs(class_type):

@@ -21,26 +21,15 @@ Both build on this module, so it re-exports their names lazily, on first use (se
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 import sys
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NotRequired, TypedDict, TypeGuard
+from typing import Any, NotRequired, TypedDict, TypeGuard
 
 from comfyfleet.errors import ValidationFailed
-
-if TYPE_CHECKING:
-    from comfyfleet.worker.comfy.policy import (
-        DEFAULT_DENIED,
-        KNOWN_FILE_INPUTS,
-        KNOWN_PREFIX_CLASSES,
-        NodePolicy,
-        check_policy,
-    )
-    from comfyfleet.worker.comfy.rewrite import forced_prefix, prepare_for_run, sanitize_filename
 
 __all__ = [
     "ASSET_TYPE",
@@ -398,29 +387,3 @@ def _walk_assets(
     elif isinstance(value, list):
         for index, item in enumerate(value):
             yield from _walk_assets(item, (*path, index))
-
-
-# -- names that moved out -------------------------------------------------------------------------
-
-# policy.py and rewrite.py import this module, so importing them here at load time would be an
-# import cycle; instead the module __getattr__ (PEP 562) loads them on first use of one of their names.
-_MOVED: Mapping[str, str] = {
-    "DEFAULT_DENIED": "comfyfleet.worker.comfy.policy",
-    "KNOWN_FILE_INPUTS": "comfyfleet.worker.comfy.policy",
-    "KNOWN_PREFIX_CLASSES": "comfyfleet.worker.comfy.policy",
-    "NodePolicy": "comfyfleet.worker.comfy.policy",
-    "check_policy": "comfyfleet.worker.comfy.policy",
-    "forced_prefix": "comfyfleet.worker.comfy.rewrite",
-    "prepare_for_run": "comfyfleet.worker.comfy.rewrite",
-    "sanitize_filename": "comfyfleet.worker.comfy.rewrite",
-}
-
-if not TYPE_CHECKING:  # mypy takes these names from the imports at the top
-
-    def __getattr__(name: str) -> object:
-        module = _MOVED.get(name)
-        if module is None:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(module), name)
-        globals()[name] = value
-        return value
