@@ -19,11 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-import inspect
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +34,7 @@ from comfyfleet.queue.claim import claim_dispatched
 from comfyfleet.queue.executor import Failed, JobContext, JobExecutor, Outcome, Retry
 from comfyfleet.queue.worker_loop import run_claimed
 from comfyfleet.runtime import Runtime
+from comfyfleet.worker.local import build_executors
 
 if TYPE_CHECKING:
     from comfyfleet.worker.comfy.supervisor import MpsDaemon, SlotSpec, Supervisor
@@ -55,7 +55,6 @@ MPS_DIR = "/tmp/comfyfleet/mps"  # noqa: S108
 UNANSWERED_LIMIT = 3  # consecutive failed /system_stats probes of one slot that make the container sick
 FRESH_CHECK_S = 1.0  # a health check this recent is reused by the next job instead of probing again
 RESTORE_TIMEOUT_S = 180.0
-OWN_ENV_PREFIX = "COMFYFLEET_"
 
 # Modules imported before the snapshot, so a restored container does not pay for them.
 HEAVY_MODULES = (
@@ -381,19 +380,14 @@ def import_heavy_modules() -> None:
             importlib.import_module(name)
 
 
-def slot_env(
-    settings: Settings, mps: MpsDaemon | None, environ: Mapping[str, str] | None = None
-) -> dict[str, str]:
+def slot_env(settings: Settings, mps: MpsDaemon | None) -> dict[str, str]:
     """Environment of every ComfyUI slot: threads per slot, snapshot mode, and MPS's pipe folder,
     which must be there when the process starts even though the daemon starts after the restore.
-
-    Our secrets reach this container as COMFYFLEET_* variables, and a slot inherits the container's
-    environment; ComfyUI and its third-party custom nodes have no use for them, so they are blanked.
+    (Our COMFYFLEET_* secrets never reach a slot: ``process.inherited_env`` leaves them out.)
     """
     from comfyfleet.deploy.snapshot_node.patch import ENV_VAR
 
-    inherited = os.environ if environ is None else environ
-    env = {name: "" for name in inherited if name.startswith(OWN_ENV_PREFIX)}
+    env: dict[str, str] = {}
     threads = str(settings.modal.threads_per_slot)
     env.update(settings.comfyui_slot_env)
     env.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, ENV_VAR: "1"})
@@ -467,7 +461,7 @@ class ModalContainer:
         self.runtime = runtime = await Runtime.create(self.settings)
         runtime.extras["supervisor"] = supervisor
         name = container_name()
-        executors = await build_executors(runtime, supervisor, name)
+        executors: list[JobExecutor] = list(await build_executors(runtime, supervisor, name))
         if len(executors) != len(supervisor.instances):
             raise RuntimeError(f"{len(executors)} executors for {len(supervisor.instances)} ComfyUI slots")
         modal_settings = self.settings.modal
@@ -585,22 +579,3 @@ async def _stop_fetching_inputs(reason: str) -> None:
     import modal.experimental
 
     await modal.experimental.stop_fetching_inputs.aio()
-
-
-async def build_executors(runtime: Runtime, supervisor: Supervisor, name: str) -> list[JobExecutor]:
-    """One job executor per supervisor slot, in slot order.
-
-    The seam is ``comfyfleet.worker.local.build_executors(runtime, supervisor)`` (sync or async);
-    until it exists, the runner is built from ``slots_from`` and ``ComfyRunner`` directly."""
-    local = importlib.import_module("comfyfleet.worker.local")
-    seam = getattr(local, "build_executors", None)
-    if seam is not None:
-        built = seam(runtime, supervisor)
-        executors = await built if inspect.isawaitable(built) else built
-        return list(executors)
-    from comfyfleet.worker.runner import ComfyRunner
-
-    slots = await local.slots_from(supervisor, name)
-    if slots:
-        await local.publish_catalog(runtime, name, slots[0].client)
-    return [ComfyRunner(runtime, slot) for slot in slots]

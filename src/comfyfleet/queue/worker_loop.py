@@ -57,7 +57,8 @@ async def run_claimed(runtime: Runtime, executor: JobExecutor, job: JobRow, work
     if full is None:
         return None
     ctx = JobContext(job=full, worker=worker)
-    ctx.report_progress = _progress_writer(runtime, ctx)
+    progress = _ProgressWriter(runtime, ctx)
+    ctx.report_progress = progress
     ctx.publish = _publisher(runtime, job.id)
     async with runtime.bus.subscribe(job_topic(job.id)) as events:
         watcher = asyncio.create_task(_watch(runtime, ctx, events))
@@ -69,6 +70,7 @@ async def run_claimed(runtime: Runtime, executor: JobExecutor, job: JobRow, work
             log.exception("%s: executor raised on job %s", worker, job.id)
             outcome = Retry(f"worker error: {type(exc).__name__}")
         finally:
+            await progress.close()
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
@@ -115,24 +117,62 @@ async def _watch(runtime: Runtime, ctx: JobContext, events: Any) -> None:
                 ctx.cancel_requested.set()
 
 
-def _progress_writer(runtime: Runtime, ctx: JobContext) -> Any:
-    """Progress goes to the database and the bus at most every ``progress_interval_s``; the last
-    snapshot of a burst is kept and written at the next slot."""
-    interval = runtime.settings.progress_interval_s
-    last_write = 0.0
+class _ProgressWriter:
+    """Progress goes to the database and the bus at most every ``progress_interval_s``. A snapshot
+    that comes sooner is kept, and the newest kept one is written when the interval has passed, so
+    a burst followed by a long quiet node still shows that node; the final snapshot (value 1.0)
+    is written at once."""
 
-    async def write(progress: dict[str, Any]) -> None:
-        nonlocal last_write
+    def __init__(self, runtime: Runtime, ctx: JobContext) -> None:
+        self.runtime = runtime
+        self.ctx = ctx
+        self.interval = runtime.settings.progress_interval_s
+        self.last_write = float("-inf")
+        self.pending: dict[str, Any] | None = None
+        self.flusher: asyncio.Task[None] | None = None
+        self.flusher_sleeping = False
+        self.lock = asyncio.Lock()  # writes go out one at a time, in order
+
+    async def __call__(self, progress: dict[str, Any]) -> None:
         now = time.monotonic()
-        final = progress.get("value") == 1.0
-        if now - last_write < interval and not final:
+        if progress.get("value") == 1.0 or now - self.last_write >= self.interval:
+            self.pending = None
+            await self._write(progress)
             return
-        last_write = now
-        async with runtime.engine.begin() as conn:
-            await repo.set_progress(conn, ctx.job.id, worker=ctx.worker, progress=progress)
-        await runtime.bus.publish(job_topic(ctx.job.id), {"kind": "progress", "progress": progress})
+        self.pending = progress
+        if self.flusher is None or self.flusher.done():
+            self.flusher = asyncio.create_task(self._flush_after(self.last_write + self.interval - now))
 
-    return write
+    async def _flush_after(self, delay: float) -> None:
+        self.flusher_sleeping = True
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            self.flusher_sleeping = False
+        await self._write(None)
+
+    async def _write(self, progress: dict[str, Any] | None) -> None:
+        async with self.lock:
+            if progress is None:  # the flusher: take the newest pending snapshot under the lock
+                progress, self.pending = self.pending, None
+                if progress is None:
+                    return
+            self.last_write = time.monotonic()
+            async with self.runtime.engine.begin() as conn:
+                await repo.set_progress(conn, self.ctx.job.id, worker=self.ctx.worker, progress=progress)
+            await self.runtime.bus.publish(job_topic(self.ctx.job.id), {"kind": "progress", "progress": progress})
+
+    async def close(self) -> None:
+        """Drop what is pending. A flusher still sleeping is cancelled; one already writing is
+        awaited rather than cancelled inside its transaction."""
+        self.pending = None
+        task = self.flusher
+        if task is None or task.done():
+            return
+        if self.flusher_sleeping:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def _publisher(runtime: Runtime, job_id: str) -> Any:

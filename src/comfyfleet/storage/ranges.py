@@ -21,15 +21,17 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     try:
         if first == "":
             length = int(last)
-            if length <= 0:
+            if length <= 0 or size == 0:  # nothing to take the last bytes of
                 raise RangeNotSatisfiable
             return max(0, size - length), size - 1
         start = int(first)
         end = int(last) if last else size - 1
     except ValueError:
         return None
-    if start < 0 or end < start:
-        return None
+    if start < 0 or (last and end < start):
+        return None  # syntactically invalid (``5-2``): ignored, the whole content is served
+    # Checked before comparing with the clamped end: ``bytes=<size>-`` is unsatisfiable (416), not
+    # invalid — its end defaults to size - 1, which would otherwise look like end < start.
     if start >= size:
         raise RangeNotSatisfiable
     return start, min(end, size - 1)

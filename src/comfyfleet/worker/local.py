@@ -65,20 +65,25 @@ async def publish_catalog(runtime: Runtime, worker: str, client: ComfyClient) ->
     runtime.catalog_cache.invalidate()
 
 
+async def build_executors(runtime: Runtime, supervisor: Supervisor, worker: str) -> list[ComfyRunner]:
+    """One runner per slot of a started supervisor, in slot order; publishes the node catalog.
+    The local dispatcher and the Modal container both build their workers here."""
+    slots = await slots_from(supervisor, worker)
+    if slots:
+        await publish_catalog(runtime, worker, slots[0].client)
+    return [ComfyRunner(runtime, slot) for slot in slots]
+
+
 async def start_local_workers(runtime: Runtime) -> tuple[list[JobExecutor], Close]:
     supervisor = build_supervisor(runtime)
     await supervisor.start()
     runtime.extras["supervisor"] = supervisor
-    worker = socket.gethostname()
-    slots = await slots_from(supervisor, worker)
-    if slots:
-        await publish_catalog(runtime, worker, slots[0].client)
-    runners: list[JobExecutor] = [ComfyRunner(runtime, slot) for slot in slots]
+    runners = await build_executors(runtime, supervisor, socket.gethostname())
 
     async def close() -> None:
-        for slot in slots:
+        for runner in runners:
             with contextlib.suppress(Exception):
-                await slot.client.aclose()
+                await runner.slot.client.aclose()
         await supervisor.stop()
 
-    return runners, close
+    return list(runners), close

@@ -117,3 +117,26 @@ async def test_presigned_s3_url_downloads_the_right_bytes(env: AssetEnv) -> None
         # The signature covers the key: pointing the URL at another object is refused by the store.
         tampered = meta["url"].replace(asset["hash"].removeprefix("blake3:"), "0" * 64)
         assert (await direct.get(tampered)).status_code == 403
+
+
+@pytest.mark.parametrize("backend", ["local"])
+async def test_local_content_ranges(env: AssetEnv) -> None:
+    data = png_bytes(seed=22, width=30)
+    asset = (await env.upload(env.alice, data)).json()
+    url, headers = f"/api/v2/assets/{asset['id']}/content", env.alice.headers
+
+    whole = await env.client.get(url, headers=headers)
+    assert whole.status_code == 200 and whole.content == data
+    assert whole.headers["accept-ranges"] == "bytes"
+    suffix = await env.client.get(url, headers={**headers, "Range": "bytes=-5"})
+    assert suffix.status_code == 206 and suffix.content == data[-5:]
+    assert suffix.headers["content-range"] == f"bytes {len(data) - 5}-{len(data) - 1}/{len(data)}"
+    past_end = await env.client.get(url, headers={**headers, "Range": f"bytes=10-{len(data) + 100}"})
+    assert past_end.status_code == 206 and past_end.content == data[10:]
+    outside = await env.client.get(url, headers={**headers, "Range": f"bytes={len(data)}-"})
+    assert outside.status_code == 416
+    assert outside.headers["content-range"] == f"bytes */{len(data)}"
+    assert outside.json()["error"]["code"] == "range_not_satisfiable"
+    # A multi-range is answered with the whole content, which is always allowed.
+    multi = await env.client.get(url, headers={**headers, "Range": "bytes=0-1,4-5"})
+    assert multi.status_code == 200 and multi.content == data

@@ -218,15 +218,18 @@ async def test_a_slot_marked_for_reset_is_reset_before_its_next_job() -> None:
         assert not slot.needs_reset
 
 
-def test_comfyui_slots_do_not_inherit_our_secrets() -> None:
+def test_comfyui_slots_do_not_inherit_our_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     from comfyfleet.config import Settings
     from comfyfleet.deploy.modal_worker import slot_env
     from comfyfleet.deploy.snapshot_node.patch import ENV_VAR
+    from comfyfleet.worker.comfy.process import inherited_env
 
-    environ = {"COMFYFLEET_DATABASE_URL": "not-for-nodes", "COMFYFLEET_KEY_PEPPER": "no", "PATH": "/bin"}
-    env = slot_env(Settings(), None, environ)
-    assert env["COMFYFLEET_DATABASE_URL"] == "" and env["COMFYFLEET_KEY_PEPPER"] == ""
-    assert "PATH" not in env  # inherited as is
+    monkeypatch.setenv("COMFYFLEET_DATABASE_URL", "not-for-nodes")
+    monkeypatch.setenv("COMFYFLEET_KEY_PEPPER", "no")
+    monkeypatch.setenv("PATH", "/bin")
+    env = {**inherited_env(), **slot_env(Settings(), None)}
+    assert "COMFYFLEET_DATABASE_URL" not in env and "COMFYFLEET_KEY_PEPPER" not in env
+    assert env["PATH"] == "/bin"
     assert env[ENV_VAR] == "1" and env["OMP_NUM_THREADS"] == "1"
 
 

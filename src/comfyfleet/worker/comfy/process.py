@@ -260,7 +260,7 @@ class ComfyProcess(_Monitored):
             return await asyncio.create_subprocess_exec(
                 *argv,
                 cwd=str(self._install_dir),
-                env={**os.environ, **spec.env},
+                env={**inherited_env(), **spec.env},
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=logfile,
                 stderr=asyncio.subprocess.STDOUT,
@@ -451,3 +451,10 @@ def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
     except OSError:
         return "(no log)"
     return "\n".join(text.splitlines()[-lines:])
+
+
+def inherited_env() -> dict[str, str]:
+    """The environment a ComfyUI slot inherits: ours minus every ``COMFYFLEET_*`` variable. Our
+    secrets (database URL, key pepper, storage keys) arrive that way, and ComfyUI and its third-party
+    custom nodes have no use for them. A slot's own settings come back through ``SlotSpec.env``."""
+    return {name: value for name, value in os.environ.items() if not name.startswith("COMFYFLEET_")}
