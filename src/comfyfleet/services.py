@@ -12,6 +12,7 @@ from comfyfleet.queue.executor import JobExecutor
 from comfyfleet.queue.reaper import run_reaper
 from comfyfleet.queue.worker_loop import WorkerLoop
 from comfyfleet.runtime import Runtime
+from comfyfleet.webhooks.sender import run_sender
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class BackgroundServices:
     async def start(self) -> None:
         runtime, settings = self.runtime, self.runtime.settings
         self._spawn("reaper", run_reaper(runtime, self.stop_event))
+        self._spawn("webhook-sender", run_sender(runtime, self.stop_event))
         for name, service in runtime.extras.get("services", {}).items():
             self._spawn(name, service(runtime, self.stop_event))
         if settings.dispatch == "local":

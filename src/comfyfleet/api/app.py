@@ -12,7 +12,7 @@ from comfyfleet import __version__
 from comfyfleet.api import errors
 from comfyfleet.api.auth import KeyResolver
 from comfyfleet.api.middleware import BodyLimitMiddleware, RateLimitHeadersMiddleware
-from comfyfleet.api.routes import assets, events, health, jobs, storage
+from comfyfleet.api.routes import assets, events, health, jobs, storage, webhooks
 from comfyfleet.config import ConfigurationError, Settings
 from comfyfleet.runtime import Runtime
 from comfyfleet.security.rate_limit import RateLimiter
@@ -55,7 +55,7 @@ def create_app(
         redoc_url=None,
     )
     errors.install(app)
-    for router in (health.router, jobs.router, events.router, assets.router, storage.router):
+    for router in (health.router, jobs.router, events.router, assets.router, storage.router, webhooks.router):
         app.include_router(router)
     largest_upload = max(plan.max_upload_bytes for plan in settings.plans.values())
     app.add_middleware(RateLimitHeadersMiddleware)

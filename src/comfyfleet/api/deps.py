@@ -22,7 +22,8 @@ def get_runtime(request: Request) -> Runtime:
 
 class UnitOfWork:
     """One transaction per request: committed once at the end, or rolled back on error. Work that must
-    only happen after the commit (notifications) is queued with ``after_commit``."""
+    only happen after the commit (notifications) is queued with ``after_commit``. The transaction
+    begins with the first statement, so checks before it (DNS of a webhook URL) hold no lock."""
 
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn
@@ -40,7 +41,6 @@ async def unit_of_work(request: Request) -> AsyncIterator[UnitOfWork]:
     runtime = get_runtime(request)
     async with runtime.engine.connect() as conn:
         uow = UnitOfWork(conn)
-        await conn.begin()
         try:
             yield uow
         except BaseException:

@@ -52,7 +52,8 @@ from comfyfleet.webhooks import retry
 from comfyfleet.webhooks.outbox import TERMINAL_EVENTS
 from comfyfleet.webhooks.repository import DeliveryRow, EndpointRow
 from comfyfleet.webhooks.secrets import SecretUnreadable, decrypt_secret, signature_header
-from comfyfleet.webhooks.service import job_url_secret_id, url_policy
+from comfyfleet.security.url_policy import url_policy
+from comfyfleet.webhooks.service import job_url_secret_id
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +93,12 @@ class Sender:
 
     def __init__(self, runtime: Runtime, name: str | None = None) -> None:
         self.runtime = runtime
-        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        # locked_by holds "<name>:<12 hex>" in 128 characters; host names can be longer than that.
+        self.name = (name or f"{socket.gethostname()[:64]}-{os.getpid()}-{uuid.uuid4().hex[:6]}")[:100]
         self._clients: dict[tuple[str, ...], httpx.AsyncClient] = {}
         self._busy: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.wake = asyncio.Event()
 
     @property
     def in_flight(self) -> int:
@@ -137,7 +140,10 @@ class Sender:
     async def run_pass(self, *, now: datetime, limit: int) -> int:
         """Lease what is due and send it all concurrently; return when every attempt has settled."""
         work = await self.claim(now=now, limit=limit)
-        await asyncio.gather(*(self._deliver(w, now) for w in work))
+        outcomes = await asyncio.gather(*(self._deliver(w, now) for w in work), return_exceptions=True)
+        for w, outcome in zip(work, outcomes, strict=True):
+            if isinstance(outcome, Exception):  # recording failed; the lease expires and it is retried
+                log.error("webhook delivery %s: %r", w.delivery.id, outcome)
         return len(work)
 
     async def spawn_due(self) -> int:
@@ -161,12 +167,15 @@ class Sender:
             self._busy[target] = left
         else:
             self._busy.pop(target, None)
+            self.wake.set()  # the destination is free again: its next deliveries may be due
+        if not task.cancelled() and task.exception() is not None:
+            log.error("webhook delivery task %s: %r", task.get_name(), task.exception())
 
     async def aclose(self, *, grace_s: float = 0.0) -> None:
         if self._tasks:
             # In-flight attempts get a moment to finish; the rest keep their lease, which expires and
             # makes them due again (at least once, same webhook-id).
-            _done, pending = await asyncio.wait(set(self._tasks), timeout=grace_s or None)
+            _done, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -297,6 +306,13 @@ class Sender:
             else:
                 values.update(status=repo.PENDING, next_attempt_at=retry_at)
         async with self.runtime.engine.begin() as conn:
+            if gone and delivery.endpoint_id is not None:
+                # The endpoint row first: concurrent 410s of one endpoint then queue behind each other
+                # instead of each holding its own delivery while waiting for the other's (deadlock).
+                reason = f"the endpoint answered 410 Gone at {isoformat(now)}"
+                await repo.disable_endpoint(
+                    conn, delivery.tenant_id, delivery.endpoint_id, reason=reason, now=now
+                )
             if not await repo.finish_attempt(conn, delivery.id, token=work.token, values=values):
                 # Deleted with its endpoint, or the lease ran out and another sender took over.
                 log.warning("webhook delivery %s: lease lost, outcome not recorded", delivery.id)
@@ -313,11 +329,6 @@ class Sender:
                     "duration_ms": result.duration_ms,
                 },
             )
-            if gone and delivery.endpoint_id is not None:
-                reason = f"the endpoint answered 410 Gone at {isoformat(now)}"
-                await repo.disable_endpoint(
-                    conn, delivery.tenant_id, delivery.endpoint_id, reason=reason, now=now
-                )
         if values["status"] == repo.DEAD:
             log.warning("webhook delivery %s dead-lettered after %d attempts", delivery.id, attempts)
 
@@ -359,11 +370,14 @@ async def deliver_due(runtime: Runtime, *, now: datetime | None = None, limit: i
 
 
 async def run_sender(runtime: Runtime, stop: asyncio.Event) -> None:
-    """Deliver until ``stop`` is set: poll the outbox, start attempts without waiting for earlier ones."""
+    """Deliver until ``stop`` is set: poll the outbox, start attempts without waiting for earlier ones.
+    The loop wakes every ``POLL_S``, when a destination's attempts settle, and on ``stop``."""
     sender = Sender(runtime)
     last_purge = float("-inf")
+    forward = asyncio.create_task(_set_on(stop, sender.wake))
     try:
         while not stop.is_set():
+            sender.wake.clear()
             started = 0
             try:
                 started = await sender.spawn_due()
@@ -377,6 +391,12 @@ async def run_sender(runtime: Runtime, stop: asyncio.Event) -> None:
                 await asyncio.sleep(0)  # more may be due right away; let the started attempts begin
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), POLL_S)
+                await asyncio.wait_for(sender.wake.wait(), POLL_S)
     finally:
+        forward.cancel()
         await sender.aclose(grace_s=SHUTDOWN_GRACE_S)
+
+
+async def _set_on(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()

@@ -20,7 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from comfyfleet.config import Settings
 from comfyfleet.errors import Conflict, NotFound, ValidationFailed
 from comfyfleet.runtime import Runtime
-from comfyfleet.security.ssrf import UrlFetchFailed, UrlPolicy, check_url
+from comfyfleet.security.ssrf import UrlFetchFailed, check_url
+from comfyfleet.security.url_policy import url_policy
 from comfyfleet.tenants.repository import Tenant
 from comfyfleet.timeutil import utcnow
 from comfyfleet.webhooks import repository as repo
@@ -45,16 +46,6 @@ _JOB_URL_SECRET_NAMESPACE = uuid.UUID("5b0d7c36-3f0e-4a59-9a40-6d1c2b8f1e27")
 # ---------------------------------------------------------------- URLs
 
 
-def url_policy(settings: Settings, tenant_domains: list[str] | None) -> UrlPolicy:
-    """The SSRF policy for one tenant's URLs: the deployment's, narrowed by the tenant's allowlist."""
-    policy = UrlPolicy(
-        allowed_ports=frozenset(settings.url_allowed_ports),
-        allowed_domains=frozenset(settings.url_allowed_domains or ()),
-        allow_loopback=settings.allow_loopback_urls,
-    )
-    return policy.with_tenant_allowlist(tenant_domains or ())
-
-
 async def check_webhook_url(settings: Settings, url: object, tenant: Tenant) -> str:
     """A webhook URL the guard accepts, or ``UrlNotAllowed`` (422 ``url_not_allowed``, with the reason).
 
@@ -72,20 +63,6 @@ async def check_webhook_url(settings: Settings, url: object, tenant: Tenant) -> 
     except UrlFetchFailed as exc:
         log.info("webhook URL accepted without resolving it now: %s", exc.reason)
     return url
-
-
-async def validate_webhook_url(
-    runtime: Runtime, url: str, tenant: Tenant, conn: AsyncConnection | None = None
-) -> None:
-    """Submit-time check of a job's ``webhook_url``: the guard accepts it (422 ``url_not_allowed``).
-
-    With ``conn`` (the submit's own transaction) it also requires the tenant's job URL secret, since
-    every delivery is signed (422 ``webhook_secret_missing``). The check needs the caller's
-    connection: a second one would wait on SQLite for the write lock the submit already holds.
-    """
-    await check_webhook_url(runtime.settings, url, tenant)
-    if conn is not None:
-        await require_job_url_secret(conn, tenant.id)
 
 
 async def require_job_url_secret(conn: AsyncConnection, tenant_id: str) -> None:

@@ -10,26 +10,13 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-from fastapi import FastAPI
 
-from comfyfleet.api.routes import webhooks as webhook_routes
 from comfyfleet.config import Settings
 from comfyfleet.runtime import Runtime
 from tests.conftest import api_client, make_settings
 from tests.integration.webhooks.receiver import Receiver
 
-
-def with_webhook_routes(app: FastAPI) -> FastAPI:
-    # The lead registers the router in create_app; until then the tests add it themselves.
-    if not any(getattr(route, "path", "") == "/api/v2/webhooks" for route in app.routes):
-        app.include_router(webhook_routes.router)
-    return app
-
-
-class webhook_api(api_client):
-    def __init__(self, runtime: Runtime, *, background: bool = False) -> None:
-        super().__init__(runtime, background=background)
-        with_webhook_routes(self.app)
+webhook_api = api_client  # create_app registers the webhook routes
 
 
 @pytest_asyncio.fixture

@@ -16,14 +16,11 @@ from comfy_low.models import Job
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from comfyfleet.config import Settings
-from comfyfleet.errors import ValidationFailed
 from comfyfleet.queue.executor import Failed
 from comfyfleet.runtime import Runtime
-from comfyfleet.tenants import repository as tenant_repo
 from comfyfleet.timeutil import utcnow
 from comfyfleet.webhooks import retry
-from comfyfleet.webhooks.sender import deliver_due
-from comfyfleet.webhooks.service import validate_webhook_url
+from comfyfleet.webhooks.sender import deliver_due, run_sender
 from tests.integration.webhooks.conftest import webhook_api, webhook_settings
 from tests.integration.webhooks.helpers import (
     admin_tenant,
@@ -308,13 +305,12 @@ async def test_a_per_job_webhook_url_is_signed_with_the_tenants_job_url_secret(
     api: httpx.AsyncClient, runtime: Runtime, receiver: Receiver
 ) -> None:
     tenant = await admin_tenant(runtime)
-    # Submit-time check, in the submit's transaction: no job URL secret yet, no webhook_url.
-    async with runtime.engine.begin() as conn:
-        owner = await tenant_repo.get_tenant(conn, tenant.id)
-        assert owner is not None
-        with pytest.raises(ValidationFailed) as refused:
-            await validate_webhook_url(runtime, receiver.url("job"), owner, conn)
-    assert refused.value.code == "webhook_secret_missing"
+    # Submit-time check: no job URL secret yet, so no webhook_url either.
+    refused = await api.post(
+        "/api/v2/jobs", json={"workflow": empty_image_save(), "webhook_url": receiver.url("job")},
+        headers=tenant.headers,
+    )
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "webhook_secret_missing"
 
     created = await api.post("/api/v2/webhooks/job-url-secret", headers=tenant.headers)
     assert created.status_code == 201, created.text
@@ -357,3 +353,27 @@ async def test_a_loopback_webhook_url_is_refused_at_submit_when_the_switch_is_of
             assert (await api.get("/api/v2/jobs", headers=tenant.headers)).json()["jobs"] == []
     finally:
         await runtime.close()
+
+
+@pytest.mark.parametrize("settings_overrides", [{"webhook_timeout_s": 3.0}])
+async def test_the_running_sender_keeps_delivering_while_an_endpoint_hangs(
+    api: httpx.AsyncClient, runtime: Runtime, receiver: Receiver
+) -> None:
+    slow, fast = await admin_tenant(runtime), await admin_tenant(runtime)
+    _, slow_secret = await create_endpoint(api, slow, receiver.url("slow"))
+    _, fast_secret = await create_endpoint(api, fast, receiver.url("fast"))
+    receiver.accept("slow", slow_secret)
+    receiver.accept("fast", fast_secret)
+    release = receiver.hang("slow")
+    stop = asyncio.Event()
+    sender = asyncio.create_task(run_sender(runtime, stop))
+    try:
+        await run_job(api, runtime, slow)
+        await asyncio.wait_for(receiver.arrived["slow"].wait(), 30)
+        await run_job(api, runtime, fast)  # its event is written while the slow attempt hangs
+        await asyncio.wait_for(receiver.arrived["fast"].wait(), 30)
+        assert not release.is_set() and not sender.done()
+    finally:
+        stop.set()
+        await asyncio.wait_for(sender, 30)
+    assert [d.payload(fast_secret)["type"] for d in receiver.at("fast")] == ["job.succeeded"]

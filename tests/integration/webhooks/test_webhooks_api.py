@@ -100,11 +100,9 @@ async def test_invalid_bodies_answer_with_the_envelope(
         422,
         "url_not_allowed",
     )
-    assert_error(
-        await api.post("/api/v2/webhooks", json={"url": "http://user:pw@127.0.0.1/x"}, headers=h),
-        422,
-        "url_not_allowed",
-    )
+    userinfo = "http://user:pw@127.0.0.1/x"  # pragma: allowlist secret (a made-up userinfo the guard refuses)
+    refused = await api.post("/api/v2/webhooks", json={"url": userinfo}, headers=h)
+    assert_error(refused, 422, "url_not_allowed")
 
 
 async def test_secrets_are_encrypted_at_rest(

@@ -22,7 +22,7 @@ from comfyfleet.jobs.states import JobStatus
 from comfyfleet.queue.bus import NEW_WORK, job_topic
 from comfyfleet.runtime import Runtime
 from comfyfleet.timeutil import utcnow
-from comfyfleet.webhooks.service import validate_webhook_url
+from comfyfleet.webhooks import service as webhooks
 
 router = APIRouter(prefix="/api/v2/jobs", tags=["jobs"])
 
@@ -56,6 +56,10 @@ async def submit_job(
         request, kind="submit", rate=principal.plan.submit_rate, identity=principal.key_id
     )
     body, raw = await read_json(request, runtime.settings.max_body_bytes)
+    submit = service.parse_submit(body, runtime.settings, principal.plan)
+    if submit.webhook_url is not None:
+        # Resolving the URL happens before the transaction begins: no lock is held while DNS answers.
+        await webhooks.check_webhook_url(runtime.settings, submit.webhook_url, principal.tenant)
     conn, now = uow.conn, utcnow()
     digest = idempotency.request_digest(raw)
     key = idempotency.check_key(idempotency_key) if idempotency_key is not None else None
@@ -65,10 +69,8 @@ async def submit_job(
         )
         if remembered is not None and remembered.resource_id is not None:
             return await _replay(conn, runtime, principal, remembered.resource_id, request)
-
-    submit = service.parse_submit(body, runtime.settings, principal.plan)
     if submit.webhook_url is not None:
-        await validate_webhook_url(runtime, submit.webhook_url, principal.tenant)
+        await webhooks.require_job_url_secret(conn, principal.tenant_id)
     await service.check_against_catalog(conn, runtime.catalog_cache, submit.workflow)
     await service.check_assets(conn, principal.tenant_id, submit.workflow)
     job = await service.create_job(conn, principal.tenant, principal.plan, submit)
