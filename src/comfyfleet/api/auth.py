@@ -114,6 +114,8 @@ class Authenticator:
             raise
         if not ("admin" in principal.scopes or self.required <= principal.scopes):
             missing = sorted(self.required - principal.scopes)
-            raise Forbidden(f"This API key lacks the scope(s): {', '.join(missing)}", details={"missing": missing})
+            raise Forbidden(
+                f"This API key lacks the scope(s): {', '.join(missing)}", details={"missing": missing}
+            )
         request.state.principal = principal
         return principal

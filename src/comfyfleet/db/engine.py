@@ -10,7 +10,6 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
-
 # Execution option of connections that only read (see ``Runtime.reader``).
 SQLITE_READ_ONLY = "comfyfleet_sqlite_read_only"
 

@@ -185,7 +185,9 @@ async def cancel_queued(conn: AsyncConnection, tenant_id: str, job_id: str) -> J
     statement = (
         for_tenant(update(jobs), jobs, tenant_id)
         .where(jobs.c.id == job_id, jobs.c.status == JobStatus.QUEUED)
-        .values(status=JobStatus.CANCELED, completed_at=now, cancel_requested_at=now, version=jobs.c.version + 1)
+        .values(
+            status=JobStatus.CANCELED, completed_at=now, cancel_requested_at=now, version=jobs.c.version + 1
+        )
         .returning(*_SUMMARY)
     )
     row = (await conn.execute(statement)).first()
@@ -482,7 +484,9 @@ async def read_status(conn: AsyncConnection, job_id: str) -> str | None:
 async def set_progress(conn: AsyncConnection, job_id: str, *, worker: str, progress: dict[str, Any]) -> None:
     await conn.execute(
         update(jobs)
-        .where(jobs.c.id == job_id, jobs.c.lease_owner == worker, jobs.c.status.in_([s.value for s in ACTIVE]))
+        .where(
+            jobs.c.id == job_id, jobs.c.lease_owner == worker, jobs.c.status.in_([s.value for s in ACTIVE])
+        )
         .values(progress=progress)
     )
 
@@ -553,20 +557,27 @@ async def delete_jobs(conn: AsyncConnection, job_ids: Sequence[str]) -> None:
 async def store_catalog(conn: AsyncConnection, worker: str, object_info: dict[str, Any]) -> None:
     now = utcnow()
     updated = await conn.execute(
-        update(node_catalogs).where(node_catalogs.c.worker == worker).values(object_info=object_info, updated_at=now)
+        update(node_catalogs)
+        .where(node_catalogs.c.worker == worker)
+        .values(object_info=object_info, updated_at=now)
     )
     if updated.rowcount == 0:
-        await conn.execute(node_catalogs.insert().values(worker=worker, object_info=object_info, updated_at=now))
+        await conn.execute(
+            node_catalogs.insert().values(worker=worker, object_info=object_info, updated_at=now)
+        )
 
 
 async def latest_catalog_time(conn: AsyncConnection) -> datetime | None:
-    latest: datetime | None = (await conn.execute(select(func.max(node_catalogs.c.updated_at)))).scalar_one_or_none()
+    query = select(func.max(node_catalogs.c.updated_at))
+    latest: datetime | None = (await conn.execute(query)).scalar_one_or_none()
     return latest
 
 
 async def latest_catalog(conn: AsyncConnection) -> dict[str, Any] | None:
     row = (
-        await conn.execute(select(node_catalogs.c.object_info).order_by(node_catalogs.c.updated_at.desc()).limit(1))
+        await conn.execute(
+            select(node_catalogs.c.object_info).order_by(node_catalogs.c.updated_at.desc()).limit(1)
+        )
     ).first()
     return row[0] if row else None
 

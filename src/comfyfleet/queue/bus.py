@@ -137,6 +137,18 @@ class PostgresBus(_LocalFanout):
             self.deliver(topic, message)
 
 
+_announcing: set[asyncio.Task[None]] = set()
+
+
+def announce(bus: EventBus, topic: str, message: dict[str, Any]) -> None:
+    """Publish without waiting for it. For the worker's hints (a status, progress or output that
+    followers re-read from the database), so a job does not sit out a NOTIFY round trip on
+    PostgreSQL at every step; the order of two announcements is not guaranteed."""
+    task = asyncio.create_task(bus.publish(topic, message))
+    _announcing.add(task)
+    task.add_done_callback(_announcing.discard)
+
+
 def asyncpg_dsn(sqlalchemy_url: str) -> str:
     from sqlalchemy.engine import make_url
 

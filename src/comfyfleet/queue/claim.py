@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from comfyfleet.assets import repository as asset_repo
 from comfyfleet.jobs import repository as repo
 from comfyfleet.jobs.events import record_transition
 from comfyfleet.jobs.repository import JobRow
 from comfyfleet.jobs.schemas import job_error
 from comfyfleet.jobs.states import JobStatus
-from comfyfleet.queue.bus import NEW_WORK, job_topic
+from comfyfleet.queue.bus import NEW_WORK, announce, job_topic
 from comfyfleet.queue.executor import Canceled, Failed, Outcome, Retry, Succeeded
 from comfyfleet.runtime import Runtime
 from comfyfleet.timeutil import utcnow
@@ -39,7 +40,7 @@ async def claim_next(runtime: Runtime, worker: str) -> JobRow | None:
                 break
         else:
             return None
-    await runtime.bus.publish(job_topic(job.id), {"kind": "status", "status": job.status})
+    announce(runtime.bus, job_topic(job.id), {"kind": "status", "status": job.status})
     return job
 
 
@@ -48,7 +49,8 @@ async def claim_dispatched(runtime: Runtime, job_id: str, *, worker: str, dispat
     or a duplicate."""
     async with runtime.engine.begin() as conn:
         job = await repo.mark_running(
-            conn, job_id, worker=worker, lease_s=runtime.settings.lease_s, now=utcnow(), dispatch_ref=dispatch_ref
+            conn, job_id, worker=worker, lease_s=runtime.settings.lease_s, now=utcnow(),
+            dispatch_ref=dispatch_ref,
         )
         if job is not None:
             await record_transition(conn, job)
@@ -57,23 +59,28 @@ async def claim_dispatched(runtime: Runtime, job_id: str, *, worker: str, dispat
     return job
 
 
-async def finish(runtime: Runtime, job: JobRow, worker: str, outcome: Outcome) -> JobRow | None:
-    """End a claimed job. Returns the final row, or None when the worker no longer held it."""
+async def finish(
+    runtime: Runtime, job: JobRow, worker: str, outcome: Outcome, *, progress: dict[str, Any] | None = None
+) -> JobRow | None:
+    """End a claimed job. Returns the final row, or None when the worker no longer held it.
+    ``progress``, the job's last snapshot not written yet, is set by the same UPDATE."""
     async with runtime.engine.begin() as conn:
         now = utcnow()
-        row = await _transition(conn, job, worker, outcome, now)
+        row = await _transition(conn, job, worker, outcome, now, progress)
         if row is not None:
             await record_transition(conn, row)
     if row is not None:
-        await runtime.bus.publish(job_topic(job.id), {"kind": "status", "status": row.status})
+        announce(runtime.bus, job_topic(job.id), {"kind": "status", "status": row.status})
         if row.status == JobStatus.QUEUED:
-            await runtime.bus.publish(NEW_WORK, {"job_id": job.id})
+            announce(runtime.bus, NEW_WORK, {"job_id": job.id})
     return row
 
 
-async def _transition(conn: Any, job: JobRow, worker: str, outcome: Outcome, now: Any) -> JobRow | None:
+async def _transition(
+    conn: Any, job: JobRow, worker: str, outcome: Outcome, now: Any, progress: dict[str, Any] | None
+) -> JobRow | None:
     running, canceling = [JobStatus.RUNNING], [JobStatus.CANCELING]
-    kw: dict[str, Any] = {"worker": worker, "now": now}
+    kw: dict[str, Any] = {"worker": worker, "now": now, "progress": progress}
     # Whatever the outcome, a job whose cancel was accepted ends canceled, never succeeded.
     if isinstance(outcome, Succeeded):
         return await repo.finish(conn, job.id, target=JobStatus.SUCCEEDED, sources=running, **kw) or (
@@ -86,15 +93,17 @@ async def _transition(conn: Any, job: JobRow, worker: str, outcome: Outcome, now
             outcome.code, outcome.message, node_id=outcome.node_id, class_type=outcome.class_type,
             traceback=outcome.traceback, details=outcome.details,
         )
-        return await repo.finish(conn, job.id, target=JobStatus.FAILED, sources=running, error=error, **kw) or (
-            await repo.finish(conn, job.id, target=JobStatus.CANCELED, sources=canceling, **kw)
-        )
+        failed = await repo.finish(conn, job.id, target=JobStatus.FAILED, sources=running, error=error, **kw)
+        return failed or await repo.finish(conn, job.id, target=JobStatus.CANCELED, sources=canceling, **kw)
     assert isinstance(outcome, Retry)
     current = await repo.get_job_for_worker(conn, job.id)
     if current is None:
         return None
     if current.attempts < current.max_attempts:
         row = await repo.finish(conn, job.id, target=JobStatus.QUEUED, sources=running, **kw)
+        if row is not None:
+            # The next attempt produces the outputs again: the job ends with one set, not two.
+            await asset_repo.delete_assets_of_jobs(conn, [job.id])
     else:
         error = job_error("retries_exhausted", f"Gave up after {current.attempts} attempts: {outcome.reason}")
         row = await repo.finish(conn, job.id, target=JobStatus.FAILED, sources=running, error=error, **kw)

@@ -5,10 +5,12 @@ become ``expired``; retention removes old jobs. GET never does any of this."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from comfyfleet.assets import repository as asset_repo
 from comfyfleet.assets import retention
 from comfyfleet.jobs import idempotency
 from comfyfleet.jobs import repository as repo
@@ -45,9 +47,12 @@ async def reap_once(runtime: Runtime, now: datetime | None = None) -> ReapReport
             {JobStatus.QUEUED: report.requeued, JobStatus.FAILED: report.failed,
              JobStatus.CANCELED: report.canceled}[JobStatus(row.status)].append(row.id)
         for job_id in await repo.past_queue_deadline(conn, now=now):
-            error = job_error("queue_deadline_exceeded", "The job waited longer than its plan's queue deadline")
+            error = job_error(
+                "queue_deadline_exceeded", "The job waited longer than its plan's queue deadline"
+            )
             row = await repo.finish(
-                conn, job_id, worker=None, target=JobStatus.EXPIRED, sources=[JobStatus.QUEUED], now=now, error=error
+                conn, job_id, worker=None, target=JobStatus.EXPIRED, sources=[JobStatus.QUEUED], now=now,
+                error=error,
             )
             if row is not None:
                 changed.append(row)
@@ -68,7 +73,10 @@ async def _recover(conn: object, job: JobRow, now: datetime) -> JobRow | None:
     if job.status == JobStatus.CANCELING:
         return await repo.finish(conn, job.id, target=JobStatus.CANCELED, sources=[JobStatus.CANCELING], **kw)  # type: ignore[arg-type]
     if job.attempts < job.max_attempts:
-        return await repo.finish(conn, job.id, target=JobStatus.QUEUED, sources=[JobStatus.RUNNING], **kw)  # type: ignore[arg-type]
+        row = await repo.finish(conn, job.id, target=JobStatus.QUEUED, sources=[JobStatus.RUNNING], **kw)  # type: ignore[arg-type]
+        if row is not None:  # the next attempt produces the outputs again: one set, not two
+            await asset_repo.delete_assets_of_jobs(conn, [job.id])  # type: ignore[arg-type]
+        return row
     error = job_error("worker_lost", f"The worker running this job was lost {job.attempts} time(s)")
     return await repo.finish(
         conn, job.id, target=JobStatus.FAILED, sources=[JobStatus.RUNNING], error=error, **kw  # type: ignore[arg-type]
@@ -84,7 +92,5 @@ async def run_reaper(runtime: Runtime, stop: asyncio.Event) -> None:
                 log.info("reaper: %s", report)
         except Exception:  # keep reaping; one bad pass must not stop the loop
             log.exception("reaper pass failed")
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
-        except TimeoutError:
-            pass

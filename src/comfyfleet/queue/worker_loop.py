@@ -13,7 +13,7 @@ from typing import Any
 from comfyfleet.jobs import repository as repo
 from comfyfleet.jobs.repository import JobRow
 from comfyfleet.jobs.states import JobStatus
-from comfyfleet.queue.bus import NEW_WORK, job_topic
+from comfyfleet.queue.bus import NEW_WORK, announce, job_topic
 from comfyfleet.queue.claim import claim_next, finish
 from comfyfleet.queue.executor import JobContext, JobExecutor, Outcome, Retry
 from comfyfleet.runtime import Runtime
@@ -22,6 +22,7 @@ from comfyfleet.timeutil import utcnow
 log = logging.getLogger(__name__)
 
 IDLE_POLL_S = 1.0  # backstop when a wake-up notification is lost
+UNAVAILABLE_POLL_S = 0.1  # how often a worker whose ComfyUI is down looks again
 
 
 class WorkerLoop:
@@ -32,8 +33,14 @@ class WorkerLoop:
         self.current: JobRow | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
+        # An executor may say it cannot take work now (its ComfyUI restarts); the protocol does not
+        # require the method, so test executors need not have it.
+        available = getattr(self.executor, "available", None)
         async with self.runtime.bus.subscribe(NEW_WORK) as wakeups:
             while not stop.is_set():
+                if available is not None and not available():
+                    await _first(stop.wait(), asyncio.sleep(UNAVAILABLE_POLL_S))
+                    continue
                 try:
                     job = await claim_next(self.runtime, self.name)
                 except Exception:
@@ -52,8 +59,10 @@ class WorkerLoop:
 
 async def run_claimed(runtime: Runtime, executor: JobExecutor, job: JobRow, worker: str) -> JobRow | None:
     """Run a job this worker holds, to exactly one final transition (or none if the lease was lost)."""
-    async with runtime.engine.connect() as conn:
-        full = await repo.get_job_for_worker(conn, job.id)
+    full: JobRow | None = job
+    if not job.workflow:  # the claim returns the whole row; read it only when given less
+        async with runtime.engine.connect() as conn:
+            full = await repo.get_job_for_worker(conn, job.id)
     if full is None:
         return None
     ctx = JobContext(job=full, worker=worker)
@@ -70,13 +79,13 @@ async def run_claimed(runtime: Runtime, executor: JobExecutor, job: JobRow, work
             log.exception("%s: executor raised on job %s", worker, job.id)
             outcome = Retry(f"worker error: {type(exc).__name__}")
         finally:
-            await progress.close()
+            last_progress = await progress.close()
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
     if ctx.lease_lost.is_set():
         return None
-    return await finish(runtime, full, worker, outcome)
+    return await finish(runtime, full, worker, outcome, progress=last_progress)
 
 
 async def _watch(runtime: Runtime, ctx: JobContext, events: Any) -> None:
@@ -94,7 +103,7 @@ async def _watch(runtime: Runtime, ctx: JobContext, events: Any) -> None:
         now = time.monotonic()
         if now >= next_poll:
             next_poll = now + settings.cancel_poll_s
-            async with runtime.engine.connect() as conn:
+            async with runtime.reader.connect() as conn:  # a read: no SQLite write lock every poll
                 status = await repo.read_status(conn, ctx.job.id)
             if status == JobStatus.CANCELING:
                 ctx.cancel_requested.set()
@@ -118,24 +127,29 @@ async def _watch(runtime: Runtime, ctx: JobContext, events: Any) -> None:
 
 
 class _ProgressWriter:
-    """Progress goes to the database and the bus at most every ``progress_interval_s``. A snapshot
-    that comes sooner is kept, and the newest kept one is written when the interval has passed, so
-    a burst followed by a long quiet node still shows that node; the final snapshot (value 1.0)
-    is written at once."""
+    """Progress goes to the database and the bus at most every ``progress_interval_s``, counted from
+    the start of the job. A snapshot that comes sooner is kept, and the newest kept one is written
+    when the interval has passed, so a burst followed by a long quiet node still shows that node.
+    What is still kept when the job ends (its last snapshot) goes into the finishing transition
+    (``close``), so a short job costs no progress write of its own and its final status and final
+    progress become visible together."""
 
     def __init__(self, runtime: Runtime, ctx: JobContext) -> None:
         self.runtime = runtime
         self.ctx = ctx
         self.interval = runtime.settings.progress_interval_s
-        self.last_write = float("-inf")
+        self.last_write = time.monotonic()
         self.pending: dict[str, Any] | None = None
+        self.last_written: dict[str, Any] | None = None
         self.flusher: asyncio.Task[None] | None = None
         self.flusher_sleeping = False
         self.lock = asyncio.Lock()  # writes go out one at a time, in order
 
     async def __call__(self, progress: dict[str, Any]) -> None:
+        if progress == self.last_written and self.pending is None:
+            return  # ComfyUI repeats itself (a prompt's last events all read "complete")
         now = time.monotonic()
-        if progress.get("value") == 1.0 or now - self.last_write >= self.interval:
+        if now - self.last_write >= self.interval:
             self.pending = None
             await self._write(progress)
             return
@@ -157,27 +171,30 @@ class _ProgressWriter:
                 progress, self.pending = self.pending, None
                 if progress is None:
                     return
-            self.last_write = time.monotonic()
+            if progress == self.last_written:
+                return
+            self.last_write, self.last_written = time.monotonic(), progress
             async with self.runtime.engine.begin() as conn:
                 await repo.set_progress(conn, self.ctx.job.id, worker=self.ctx.worker, progress=progress)
-            await self.runtime.bus.publish(job_topic(self.ctx.job.id), {"kind": "progress", "progress": progress})
+            announce(self.runtime.bus, job_topic(self.ctx.job.id), {"kind": "progress", "progress": progress})
 
-    async def close(self) -> None:
-        """Drop what is pending. A flusher still sleeping is cancelled; one already writing is
-        awaited rather than cancelled inside its transaction."""
-        self.pending = None
+    async def close(self) -> dict[str, Any] | None:
+        """Stop, and answer with the snapshot not written yet, for the finishing transition. A
+        flusher still sleeping is cancelled; one already writing is awaited rather than cancelled
+        inside its transaction."""
         task = self.flusher
-        if task is None or task.done():
-            return
-        if self.flusher_sleeping:
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        if task is not None and not task.done():
+            if self.flusher_sleeping:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        final, self.pending = self.pending, None
+        return final if final != self.last_written else None
 
 
 def _publisher(runtime: Runtime, job_id: str) -> Any:
     async def publish(kind: str, payload: dict[str, Any]) -> None:
-        await runtime.bus.publish(job_topic(job_id), {"kind": kind, **payload})
+        announce(runtime.bus, job_topic(job_id), {"kind": kind, **payload})
 
     return publish
 

@@ -15,16 +15,23 @@ from comfyfleet.jobs import repository as job_repo
 from comfyfleet.queue.executor import JobExecutor
 from comfyfleet.runtime import Runtime
 from comfyfleet.worker.comfy.client import ComfyClient
-from comfyfleet.worker.comfy.supervisor import ComfyProcess, Supervisor
+from comfyfleet.worker.comfy.supervisor import (
+    ComfyInstance,
+    ComfyProcess,
+    SlotLostCallback,
+    SlotSpec,
+    Supervisor,
+)
 from comfyfleet.worker.runner import ComfyRunner, Slot
 
 Close = Callable[[], Awaitable[None]]
 
 
-def build_supervisor(runtime: Runtime) -> Supervisor:
+def build_supervisor(runtime: Runtime, on_slot_lost: SlotLostCallback | None = None) -> Supervisor:
     settings = runtime.settings
     if settings.comfyui_dir is not None:
         return Supervisor(
+            on_slot_lost=on_slot_lost,
             install_dir=settings.comfyui_dir,
             base_dir=settings.data_dir / "comfyui-slots",
             base_port=settings.comfyui_base_port,
@@ -42,13 +49,19 @@ async def slots_from(supervisor: Supervisor, worker_name: str) -> list[Slot]:
     slots: list[Slot] = []
     for index, instance in enumerate(supervisor.instances):
         client = ComfyClient(instance.url, client_id=f"comfyfleet-{worker_name}-{index}")
-        slot = Slot(name=f"{worker_name}-{index}", client=client, restart=_restarter(instance))
+        slot = Slot(name=f"{worker_name}-{index}", client=client, restart=_restarter(instance),
+                    healthy=_health_of(instance))
         if isinstance(instance, ComfyProcess):
             spec = instance.spec
             # ComfyUI puts temp files in a `temp` folder *inside* --temp-directory.
-            slot.input_dir, slot.output_dir, slot.temp_dir = spec.input_dir, spec.output_dir, spec.temp_dir / "temp"
+            slot.input_dir, slot.output_dir = spec.input_dir, spec.output_dir
+            slot.temp_dir = spec.temp_dir / "temp"
         slots.append(slot)
     return slots
+
+
+def _health_of(instance: ComfyInstance) -> Callable[[], bool]:
+    return lambda: instance.status().ready
 
 
 def _restarter(instance: object) -> Callable[[], Awaitable[None]]:
@@ -75,10 +88,20 @@ async def build_executors(runtime: Runtime, supervisor: Supervisor, worker: str)
 
 
 async def start_local_workers(runtime: Runtime) -> tuple[list[JobExecutor], Close]:
-    supervisor = build_supervisor(runtime)
+    by_index: dict[int, ComfyRunner] = {}
+
+    def slot_lost(spec: SlotSpec) -> None:
+        # The supervisor saw the process die: end its prompt at once, so the job is requeued now
+        # and, with this slot unavailable until it is back, runs on another slot.
+        runner = by_index.get(spec.index)
+        if runner is not None:
+            runner.slot.client.abandon(f"ComfyUI slot {spec.index} died")
+
+    supervisor = build_supervisor(runtime, on_slot_lost=slot_lost)
     await supervisor.start()
     runtime.extras["supervisor"] = supervisor
     runners = await build_executors(runtime, supervisor, socket.gethostname())
+    by_index.update(enumerate(runners))
 
     async def close() -> None:
         for runner in runners:

@@ -46,10 +46,14 @@ class ProgressTracker:
     def snapshot(self) -> dict[str, Any]:
         done = len(self.done & set(self.classes))
         fraction = done / self.total
-        if self.current is not None and self.current not in self.done and self.step is not None and self.steps:
+        running = self.current is not None and self.current not in self.done
+        if running and self.step is not None and self.steps:
             fraction += (self.step / self.steps) / self.total
+        # A node that finished is no longer current; the message follows, so the snapshots of a
+        # prompt's last events (executed, progress_state, success) are equal and written once.
+        current = self.current if self.current not in self.done else None
+        current_class = self.classes.get(current) if current else None
         message = None
-        current_class = self.classes.get(self.current) if self.current else None
         if current_class and self.steps:
             message = f"{current_class} {self.step}/{self.steps}"
         elif current_class:
@@ -58,8 +62,8 @@ class ProgressTracker:
             "value": round(min(1.0, fraction), 4),
             "nodes_done": done,
             "nodes_total": len(self.classes),
-            "current_node": self.current if self.current not in self.done else None,
-            "current_node_class": current_class if self.current not in self.done else None,
+            "current_node": current,
+            "current_node_class": current_class,
             "step": self.step,
             "steps": self.steps,
             "message": message,

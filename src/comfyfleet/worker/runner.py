@@ -27,13 +27,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from comfyfleet.assets import repository as asset_repo
 from comfyfleet.assets import service as assets
 from comfyfleet.errors import Retryable, ValidationFailed
+from comfyfleet.filenames import sanitize_filename
 from comfyfleet.jobs import repository as job_repo
 from comfyfleet.queue.executor import Canceled, Failed, JobContext, Outcome, Retry, Succeeded
 from comfyfleet.runtime import Runtime
 from comfyfleet.worker.comfy import events as ev
 from comfyfleet.worker.comfy.catalog import NodeCatalog
 from comfyfleet.worker.comfy.client import ComfyClient, ComfyError, ComfyUnavailable, ComfyValidationError
-from comfyfleet.filenames import sanitize_filename
 from comfyfleet.worker.comfy.graph import find_asset_refs
 from comfyfleet.worker.comfy.policy import NodePolicy
 from comfyfleet.worker.comfy.rewrite import prepare_for_run
@@ -57,6 +57,7 @@ class Slot:
     output_dir: Path | None = None
     temp_dir: Path | None = None
     restart: Callable[[], Awaitable[None]] | None = None
+    healthy: Callable[[], bool] | None = None  # False while a supervised ComfyUI restarts
     jobs_run: int = 0
     interrupts: list[float] = field(default_factory=list)  # cancel→interrupt latencies (s), for benchmarks
 
@@ -65,10 +66,26 @@ class ComfyRunner:
     def __init__(self, runtime: Runtime, slot: Slot) -> None:
         self.runtime = runtime
         self.slot = slot
+        self._policy: tuple[dict[str, Any], NodePolicy] | None = None
+
+    def available(self) -> bool:
+        """Whether this runner should take a job now: not while its ComfyUI is down, so a job
+        sent back to the queue by a slot's death goes to a slot that is up."""
+        return self.slot.healthy is None or self.slot.healthy()
 
     async def policy(self) -> NodePolicy:
+        object_info = await self.slot.client.object_info()
+        # The client keeps one catalog object until it refreshes it; parsing ComfyUI's (545 classes)
+        # for every job would cost milliseconds of each one.
+        if self._policy is not None and self._policy[0] is object_info:
+            return self._policy[1]
+        policy = self._build_policy(object_info)
+        self._policy = (object_info, policy)
+        return policy
+
+    def _build_policy(self, object_info: dict[str, Any]) -> NodePolicy:
         settings = self.runtime.settings
-        catalog = NodeCatalog(await self.slot.client.object_info())
+        catalog = NodeCatalog(object_info)
         policy = catalog.policy(
             allowed=frozenset(settings.node_allow) if settings.node_allow is not None else None,
         )
@@ -91,7 +108,8 @@ class ComfyRunner:
                     policy=await self.policy(),
                 )
             except ValidationFailed as exc:
-                return Failed(exc.code, exc.message, details=exc.details if isinstance(exc.details, dict) else None)
+                details = exc.details if isinstance(exc.details, dict) else None
+                return Failed(exc.code, exc.message, details=details)
             except (Retryable, ComfyUnavailable) as exc:
                 return Retry(str(exc))
             if ctx.cancel_requested.is_set():
@@ -113,7 +131,8 @@ class ComfyRunner:
         if not refs:
             return {}
         async with self.runtime.engine.connect() as conn:
-            found = {a.id: a for a in await asset_repo.get_assets(conn, ctx.job.tenant_id, [r.asset_id for r in refs])}
+            rows = await asset_repo.get_assets(conn, ctx.job.tenant_id, [r.asset_id for r in refs])
+            found = {a.id: a for a in rows}
         staged: dict[str, str] = {}
         subfolder = f"{JOBS_FOLDER}/{ctx.job.id}/in"
         for ref in refs:
@@ -195,8 +214,9 @@ class _Run:
                 terminal = terminal or _terminal_from_done(event)
                 break
             snapshot = self.tracker.apply(event)
-            if snapshot is not None and self.ctx.report_progress is not None and not self.ctx.cancel_requested.is_set():
-                await self.ctx.report_progress(snapshot)
+            report = self.ctx.report_progress
+            if snapshot is not None and report is not None and not self.ctx.cancel_requested.is_set():
+                await report(snapshot)
         return terminal
 
     async def _outcome(self, terminal: ev.ComfyEvent | None) -> Outcome:
@@ -215,7 +235,8 @@ class _Run:
         if isinstance(terminal, ev.Failed):
             return Failed(
                 "node_execution_error",
-                f"{terminal.node_type or 'node'} {terminal.node_id}: {terminal.exception_type}: {terminal.exception_message}",
+                f"{terminal.node_type or 'node'} {terminal.node_id}: "
+                f"{terminal.exception_type}: {terminal.exception_message}",
                 node_id=terminal.node_id, class_type=terminal.node_type,
                 traceback="".join(terminal.traceback) or None,
             )

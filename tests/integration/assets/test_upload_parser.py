@@ -1,5 +1,5 @@
 """The streaming multipart parser on its own: the spooled file and its blake3 are exact whatever the
-chunking (boundaries split across chunks, sizes around the hand-off buffer), and a failure mid-way
+chunking (boundaries split across chunks, sizes around the write buffer), and a failure mid-way
 leaves no spool file behind."""
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ from pathlib import Path
 import blake3
 import pytest
 
-from comfyfleet.assets.upload import FLUSH_BYTES, parse_upload
+from comfyfleet.assets.upload import parse_upload
 from comfyfleet.errors import PayloadTooLarge, ValidationFailed
 
 BOUNDARY = "----parser-test-boundary"
+# Sizes are taken around the spool file's 1 MiB write buffer.
+FLUSH_BYTES = 1024 * 1024
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
 
 

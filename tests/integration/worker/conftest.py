@@ -28,7 +28,10 @@ from tests.support.factories import TenantWithKey, make_tenant
 from tests.support.live import LiveServer, live_server
 
 UNLIMITED = PlanLimits(
-    priority=0, max_running=10_000, max_queued=1_000_000, submit_rate="10000000/minute",
+    priority=0,
+    max_running=10_000,
+    max_queued=1_000_000,
+    submit_rate="10000000/minute",
     read_rate="1000000000/minute",
 )
 
@@ -84,7 +87,9 @@ async def start_service(
             http = await stack.enter_async_context(
                 httpx.AsyncClient(base_url=server.url, headers=tenant.headers, timeout=30)
             )
-            return Service(server=server, target=comfyui_target, tenant=tenant, http=http, jobs=JobsClient(http))
+            return Service(
+                server=server, target=comfyui_target, tenant=tenant, http=http, jobs=JobsClient(http)
+            )
 
         yield start
 
@@ -123,8 +128,12 @@ async def start_served(
     async def start(*, workers: int = 1, **overrides: Any) -> ServedService:
         port = _free_port()
         values: dict[str, Any] = {
-            "env": "test", "database_url": db_url, "data_dir": str(tmp_path / "served"),
-            "plans": {"unlimited": UNLIMITED.model_dump()}, "log_level": "WARNING", **TEST_SECRETS,
+            "env": "test",
+            "database_url": db_url,
+            "data_dir": str(tmp_path / "served"),
+            "plans": {"unlimited": UNLIMITED.model_dump()},
+            "log_level": "WARNING",
+            **TEST_SECRETS,
             **overrides,
         }
         env = {**os.environ}
@@ -132,8 +141,16 @@ async def start_served(
             env[f"COMFYFLEET_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
         exe = Path(sys.executable).parent / "comfyfleet"
         process = await asyncio.create_subprocess_exec(
-            str(exe), "serve", "--port", str(port), "--comfyui-url", comfyui_target.url, "--workers",
-            str(workers), env=env, stdin=asyncio.subprocess.DEVNULL,
+            str(exe),
+            "serve",
+            "--port",
+            str(port),
+            "--comfyui-url",
+            comfyui_target.url,
+            "--workers",
+            str(workers),
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
         )
         processes.append(process)
         url = f"http://127.0.0.1:{port}"

@@ -21,7 +21,10 @@ JobBody = dict[str, Any]
 def slow_sampler(steps: int, seconds_per_step: float, color: int = 0) -> dict[str, Any]:
     """EmptyImage → StandinSlowSampler → SaveImage: a job that stays running on its sampler node."""
     return {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": color}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": color},
+        },
         "2": {
             "class_type": "StandinSlowSampler",
             "inputs": {"image": ["1", 0], "steps": steps, "seconds_per_step": seconds_per_step},
@@ -71,7 +74,9 @@ class JobsClient:
             await asyncio.sleep(0.02)
 
     async def wait_terminal(self, job_id: str, timeout: float = 30.0) -> JobBody:
-        return await self.wait_for(job_id, lambda j: j["status"] in TERMINAL, timeout=timeout, what="terminal")
+        return await self.wait_for(
+            job_id, lambda j: j["status"] in TERMINAL, timeout=timeout, what="terminal"
+        )
 
 
 @dataclass
@@ -96,7 +101,9 @@ async def follow_sse(http: httpx.AsyncClient, job_id: str, log: SseLog | None = 
     """Read a job's event stream until the server ends it (after the terminal status)."""
     log = log if log is not None else SseLog()
     event, data = "message", []
-    async with http.stream("GET", f"/api/v2/jobs/{job_id}/events", headers={"Accept": "text/event-stream"}) as r:
+    async with http.stream(
+        "GET", f"/api/v2/jobs/{job_id}/events", headers={"Accept": "text/event-stream"}
+    ) as r:
         assert r.status_code == 200, await r.aread()
         async for line in r.aiter_lines():
             if line.startswith("event:"):

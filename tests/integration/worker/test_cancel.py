@@ -72,7 +72,7 @@ async def test_cancel_racing_the_last_node_never_ends_succeeded(
     probe = await jobs.submit(slow_sampler(steps=2, seconds_per_step=0.01, color=1))
     probe = await jobs.wait_terminal(probe["id"])
     assert probe["status"] == "succeeded"
-    span = (datetime.fromisoformat(probe["completed_at"]) - datetime.fromisoformat(probe["created_at"]))
+    span = datetime.fromisoformat(probe["completed_at"]) - datetime.fromisoformat(probe["created_at"])
     span_s = span.total_seconds() * 1.2
 
     async def one(index: int) -> tuple[str, str, dict[str, object]]:

@@ -19,10 +19,14 @@ from tests.integration.worker.conftest import StartServed
 from tests.integration.worker.helpers import TERMINAL, JobsClient, SseLog, follow_sse
 from tests.support.workflows import empty_image_save
 
-pytestmark = pytest.mark.slow
+# Both databases: PostgreSQL carries the events between processes through NOTIFY, SQLite in-process.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
+# Override for a quick local run; the acceptance figure is 500.
 JOBS = int(os.environ.get("COMFYFLEET_TEST_CONSISTENCY_JOBS", "500"))
-CLIENTS = 16  # concurrent clients, each submitting, polling and streaming one job at a time
+# Concurrent clients, each submitting, polling and streaming one job at a time. More clients only
+# add pollers competing with the workers for the server's core; the service has 4 worker slots.
+CLIENTS = 8
 
 
 @dataclass
@@ -34,8 +38,9 @@ class Seen:
 async def test_polls_and_streams_never_disagree_with_the_final_status(start_served: StartServed) -> None:
     served = await start_served(workers=4)
     limits = httpx.Limits(max_connections=3 * CLIENTS, max_keepalive_connections=3 * CLIENTS)
-    async with httpx.AsyncClient(base_url=served.url, headers=served.tenant.headers, timeout=60,
-                                 limits=limits) as http:
+    async with httpx.AsyncClient(
+        base_url=served.url, headers=served.tenant.headers, timeout=60, limits=limits
+    ) as http:
         jobs = JobsClient(http)
         seen: dict[str, Seen] = {}
         indexes = iter(range(JOBS))

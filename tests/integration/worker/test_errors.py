@@ -21,23 +21,45 @@ from tests.support.workflows import empty_image_save
 
 SAVE = {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}
 INVALID: dict[str, tuple[dict[str, Any], str, str]] = {
-    "unknown class": ({"1": {"class_type": "NoSuchNode", "inputs": {}}, "2": SAVE}, "1", "unknown_node_class"),
+    "unknown class": (
+        {"1": {"class_type": "NoSuchNode", "inputs": {}}, "2": SAVE},
+        "1",
+        "unknown_node_class",
+    ),
     "missing input": (
-        {"1": {"class_type": "SaveImage", "inputs": {"filename_prefix": "x"}}}, "1", "required_input_missing"
+        {"1": {"class_type": "SaveImage", "inputs": {"filename_prefix": "x"}}},
+        "1",
+        "required_input_missing",
     ),
     "out of range": (empty_image_save(width=0), "1", "value_smaller_than_min"),
     "not in list": (
         {
-            "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
-            "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "superres",
-                                                          "width": 8, "height": 8, "crop": "disabled"}},
+            "1": {
+                "class_type": "EmptyImage",
+                "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0},
+            },
+            "2": {
+                "class_type": "ImageScale",
+                "inputs": {
+                    "image": ["1", 0],
+                    "upscale_method": "superres",
+                    "width": 8,
+                    "height": 8,
+                    "crop": "disabled",
+                },
+            },
             "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}},
         },
-        "2", "value_not_in_list",
+        "2",
+        "value_not_in_list",
     ),
     "wrong link type": (
-        {"1": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}, "2": SAVE},
-        "2", "return_type_mismatch",
+        {
+            "1": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "2": SAVE,
+        },
+        "2",
+        "return_type_mismatch",
     ),
 }
 
@@ -70,7 +92,9 @@ async def test_comfyui_validation_errors_become_job_errors_with_per_node_details
 
 
 async def test_runtime_errors_fail_the_job_with_node_class_and_message(service: Service) -> None:
-    info = await upload_asset(service.http, b"this is not an image\n", filename="notes.txt", content_type="text/plain")
+    info = await upload_asset(
+        service.http, b"this is not an image\n", filename="notes.txt", content_type="text/plain"
+    )
     job = await service.jobs.submit(load_image({"__type": "core/ASSET", "info": info}))
     final = await service.jobs.wait_terminal(job["id"])
     assert final["status"] == "failed", final

@@ -5,6 +5,7 @@ burst written once the interval has passed rather than dropped."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from typing import Any
 
@@ -15,8 +16,16 @@ from tests.fakes.comfyui import Standin
 from tests.integration.worker.conftest import Service, StartService
 from tests.integration.worker.helpers import TERMINAL, follow_sse, slow_sampler
 
-SNAPSHOT_KEYS = {"value", "nodes_done", "nodes_total", "current_node", "current_node_class", "step", "steps",
-                 "message"}
+SNAPSHOT_KEYS = {
+    "value",
+    "nodes_done",
+    "nodes_total",
+    "current_node",
+    "current_node_class",
+    "step",
+    "steps",
+    "message",
+}
 
 
 async def test_progress_snapshot_in_get_and_sse(service: Service, comfyui_standin: Standin) -> None:
@@ -74,9 +83,11 @@ async def test_progress_writes_are_throttled(
     # ComfyUI sent about three events per step; the database got a handful of writes, at least
     # one interval apart except for the final snapshot, which is written at once.
     assert 2 <= len(progress_writes) < 40, len(progress_writes)
-    for (earlier, _), (later, snapshot) in zip(progress_writes, progress_writes[1:], strict=False):
+    for (earlier, _), (later, snapshot) in itertools.pairwise(progress_writes):
         if snapshot["value"] != 1.0:
-            assert later - earlier >= INTERVAL - 0.005, [round(t - progress_writes[0][0], 3) for t, _ in progress_writes]
+            assert later - earlier >= INTERVAL - 0.005, [
+                round(t - progress_writes[0][0], 3) for t, _ in progress_writes
+            ]
 
 
 async def test_the_newest_snapshot_of_a_burst_is_written_after_the_interval(
@@ -93,7 +104,8 @@ async def test_the_newest_snapshot_of_a_burst_is_written_after_the_interval(
     blurring = await service.jobs.wait_for(
         job["id"],
         lambda j: j["status"] in TERMINAL or (j["progress"] or {}).get("current_node_class") == "ImageBlur",
-        what="showing ImageBlur", timeout=30,
+        what="showing ImageBlur",
+        timeout=30,
     )
     assert blurring["status"] == "running", blurring
     assert blurring["progress"]["nodes_done"] == 2

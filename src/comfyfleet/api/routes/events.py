@@ -9,7 +9,6 @@ the terminal status."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,6 +20,7 @@ from fastapi.responses import StreamingResponse
 from comfyfleet.api.deps import get_runtime
 from comfyfleet.api.routes.jobs import JobsReader
 from comfyfleet.assets import repository as asset_repo
+from comfyfleet.assets.repository import AssetRow
 from comfyfleet.assets.schemas import output_body
 from comfyfleet.jobs import repository as job_repo
 from comfyfleet.jobs import service
@@ -42,7 +42,7 @@ def sse(event: str, data: Any) -> bytes:
 @router.get("/{job_id}/events")
 async def job_events(job_id: str, request: Request, principal: JobsReader) -> StreamingResponse:
     runtime = get_runtime(request)
-    async with runtime.engine.connect() as conn:
+    async with runtime.reader.connect() as conn:
         await service.get_job(conn, principal.tenant_id, job_id)  # 404 before the stream starts
     stream = _stream(runtime, request, principal.tenant_id, job_id)
     return StreamingResponse(
@@ -58,10 +58,10 @@ async def _stream(runtime: Runtime, request: Request, tenant_id: str, job_id: st
         first = True
         last_sent = time.monotonic()
         while True:
-            job = await view.read()
+            job, chunks = await view.poll()
             if job is None:
                 return
-            for chunk in await view.changes(job):
+            for chunk in chunks:
                 yield chunk
                 last_sent = time.monotonic()
             if first:
@@ -96,15 +96,25 @@ class _JobView:
         self.progress: dict[str, Any] | None = None
         self.outputs: set[str] = set()
 
-    async def read(self) -> JobRow | None:
-        async with self.runtime.engine.connect() as conn:
-            return await job_repo.get_job(conn, self.tenant_id, self.job_id)
+    async def poll(self) -> tuple[JobRow | None, list[bytes]]:
+        """Read the job and its outputs on one read-only connection (one snapshot on SQLite, and
+        no write lock taken per wake-up), and answer with what this stream has not sent yet."""
+        async with self.runtime.reader.connect() as conn:
+            job = await job_repo.get_job(conn, self.tenant_id, self.job_id)
+            if job is None:
+                return None, []
+            position = None
+            outputs: list[AssetRow] = []
+            if job.status == JobStatus.QUEUED:
+                position = job.queue_position
+                if position is None:
+                    position = await job_repo.queue_position(conn, job)
+            else:
+                outputs = await asset_repo.outputs_for_job(conn, self.tenant_id, self.job_id)
+        return job, await self._changes(job, position, outputs)
 
-    async def changes(self, job: JobRow) -> list[bytes]:
+    async def _changes(self, job: JobRow, position: int | None, outputs: list[AssetRow]) -> list[bytes]:
         chunks: list[bytes] = []
-        async with self.runtime.engine.connect() as conn:
-            position = await job_repo.queue_position(conn, job) if job.status == JobStatus.QUEUED else None
-            outputs = [] if job.status == JobStatus.QUEUED else await asset_repo.outputs_for_job(conn, self.tenant_id, self.job_id)
         terminal = job.status in TERMINAL
         if not terminal and (job.status != self.status or position != self.queue_position):
             chunks.append(sse("status", {"status": job.status, "queue_position": position}))

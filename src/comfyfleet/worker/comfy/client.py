@@ -448,6 +448,15 @@ class ComfyClient:
                     del self._subs[prompt_id]
                 return
 
+    def abandon(self, reason: str) -> None:
+        """End every followed prompt now with ``Lost`` (and its ``Done``): for a caller that knows
+        this ComfyUI is gone (its process died), which would otherwise learn it only from the
+        reconnect or the stall timer, after the process is back or seconds later."""
+        for sub in list(self._subs.values()):
+            if not sub.done:
+                self._deliver(sub, Lost(sub.prompt_id, reason))
+                self._finish(sub, sub.outputs, recovered=True)
+
     def forget(self, prompt_id: str) -> None:
         """Stop buffering events of a prompt nobody will follow."""
         self._subs.pop(prompt_id, None)
