@@ -41,6 +41,17 @@ def parse_tags(values: list[str] | None) -> list[str] | None:
     return values
 
 
+def name_and_tags(body: dict[str, Any]) -> tuple[str | None, list[str] | None]:
+    """The optional ``file_path`` (sanitised) and ``tags`` of a JSON asset request."""
+    file_path = body.get("file_path")
+    if file_path is not None and not isinstance(file_path, str):
+        raise ValidationFailed("'file_path' must be a string", code="invalid_request")
+    tags = body.get("tags")
+    if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+        raise ValidationFailed("'tags' must be a list of strings", code="invalid_request")
+    return service.clean_file_path(file_path), parse_tags(tags)
+
+
 async def _answer(runtime: Runtime, stored: service.Stored, *, replayed: bool = False) -> Json:
     body = await asset_body(
         stored.asset, storage=runtime.storage, lifetime_s=runtime.settings.url_lifetime_s,
@@ -117,17 +128,12 @@ async def asset_from_hash(request: Request, principal: AssetsWriter) -> Json:
     body, _ = await read_json(request, runtime.settings.max_body_bytes)
     if not isinstance(body, dict) or not isinstance(body.get("hash"), str):
         raise ValidationFailed('Send {"hash": "blake3:<hex>", "file_path"?: ...}', code="invalid_request")
-    file_path = body.get("file_path")
-    if file_path is not None and not isinstance(file_path, str):
-        raise ValidationFailed("'file_path' must be a string", code="invalid_request")
-    tags = body.get("tags")
-    if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
-        raise ValidationFailed("'tags' must be a list of strings", code="invalid_request")
+    file_path, tags = name_and_tags(body)
     blob_hex = service.parse_hash(body["hash"])
     async with runtime.engine.begin() as conn:
         stored = await service.asset_from_hash(
             conn, tenant_id=principal.tenant_id, blob_hex=blob_hex,
-            file_path=service.clean_file_path(file_path), tags=parse_tags(tags),
+            file_path=file_path, tags=tags,
             retention_s=principal.plan.retention_s,
         )
     return await _answer(runtime, stored)
@@ -145,12 +151,7 @@ async def asset_from_url(request: Request, principal: AssetsWriter) -> Json:
     if not isinstance(body, dict) or not isinstance(body.get("url"), str) or len(body["url"]) > 4096:
         raise ValidationFailed("Send {\"url\": \"https://...\", \"file_path\"?: ..., \"tags\"?: [...]}",
                                code="invalid_request")
-    file_path = body.get("file_path")
-    if file_path is not None and not isinstance(file_path, str):
-        raise ValidationFailed("'file_path' must be a string", code="invalid_request")
-    tags = body.get("tags")
-    if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
-        raise ValidationFailed("'tags' must be a list of strings", code="invalid_request")
+    file_path, tags = name_and_tags(body)
     max_bytes = min(runtime.settings.media_max_bytes, principal.plan.max_upload_bytes)
     path, content_type, final_url = await service.fetch_url_to_spool(
         runtime, body["url"], tenant_domains=principal.tenant.url_allowed_domains, max_bytes=max_bytes
@@ -162,8 +163,8 @@ async def asset_from_url(request: Request, principal: AssetsWriter) -> Json:
             asset, created = await service.record_asset(
                 conn, tenant_id=principal.tenant_id, blob_hash=service.HASH_PREFIX + blob_hex, size=size,
                 content_type=content_type,
-                file_path=service.clean_file_path(file_path) or service.name_from_url(final_url),
-                tags=parse_tags(tags), expires_at=utcnow() + timedelta(seconds=principal.plan.retention_s),
+                file_path=file_path or service.name_from_url(final_url),
+                tags=tags, expires_at=utcnow() + timedelta(seconds=principal.plan.retention_s),
             )
     finally:
         path.unlink(missing_ok=True)
