@@ -53,6 +53,8 @@ def create_app(
         lifespan=lifespan,
         docs_url="/docs",
         redoc_url=None,
+        # FastAPI's built-in OpenTelemetry costs a span per request; nothing here exports them.
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     errors.install(app)
     for router in (health.router, jobs.router, events.router, assets.router, storage.router, webhooks.router):
