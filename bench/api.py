@@ -20,15 +20,26 @@ import aiohttp
 
 from bench.common import cli, json_body, load, postgres_database, served, service_env
 
-PLANS = {"bench": {"priority": 0, "max_running": 1000, "max_queued": 10_000_000,
-                   "submit_rate": "10000000/minute", "read_rate": "10000000/minute"}}
+PLANS = {
+    "bench": {
+        "priority": 0,
+        "max_running": 1000,
+        "max_queued": 10_000_000,
+        "submit_rate": "10000000/minute",
+        "read_rate": "10000000/minute",
+    }
+}
 
 
 async def main(seconds: float, concurrency: int) -> None:
     async with postgres_database() as database_url:
         with tempfile.TemporaryDirectory() as data_dir:
-            env = service_env(database_url, Path(data_dir), COMFYFLEET_PLANS=json.dumps(PLANS),
-                              COMFYFLEET_AUTH_CACHE_TTL_S="5")
+            env = service_env(
+                database_url,
+                Path(data_dir),
+                COMFYFLEET_PLANS=json.dumps(PLANS),
+                COMFYFLEET_AUTH_CACHE_TTL_S="5",
+            )
             cli(env, "db", "upgrade")
             cli(env, "tenants", "create", "bench", "--plan", "bench")
             key = cli(env, "keys", "create", "bench")
@@ -47,10 +58,15 @@ async def run(url: str, headers: dict[str, str], seconds: float, concurrency: in
 
     async def submit(session: aiohttp.ClientSession, n: int) -> int:
         workflow = {
-            "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": n % 16777215}},
+            "1": {
+                "class_type": "EmptyImage",
+                "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": n % 16777215},
+            },
             "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "bench"}},
         }
-        async with session.post(f"{url}/api/v2/jobs", data=json_body({"workflow": workflow}), headers=headers) as r:
+        async with session.post(
+            f"{url}/api/v2/jobs", data=json_body({"workflow": workflow}), headers=headers
+        ) as r:
             body = await r.json()
             if r.status == 201:
                 job_ids.append(body["id"])
@@ -68,8 +84,10 @@ async def run(url: str, headers: dict[str, str], seconds: float, concurrency: in
         "POST /api/v2/jobs": await load(concurrency, seconds, submit),
         "GET /api/v2/jobs/{id}": await load(concurrency, seconds, get),
     }
-    print(f"comfyfleet API on PostgreSQL, {concurrency} concurrent clients, {seconds:.0f} s per endpoint "
-          f"({len(job_ids)} jobs queued at the end)")
+    print(
+        f"comfyfleet API on PostgreSQL, {concurrency} concurrent clients, {seconds:.0f} s per endpoint "
+        f"({len(job_ids)} jobs queued at the end)"
+    )
     for name, result in results.items():
         print(result.line(name))
 

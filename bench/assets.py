@@ -35,8 +35,9 @@ from tests.fixtures.seaweedfs import SeaweedFS, start_seaweedfs
 from bench.common import cli, postgres_database, served, service_env
 
 CHUNK = 1 << 20
-PLANS = {"bench": {"max_upload_bytes": 8 * 1024**3, "submit_rate": "1000000/minute",
-                   "read_rate": "1000000/minute"}}
+PLANS = {
+    "bench": {"max_upload_bytes": 8 * 1024**3, "submit_rate": "1000000/minute", "read_rate": "1000000/minute"}
+}
 
 
 def make_file(path: Path, size: int) -> None:
@@ -135,12 +136,16 @@ async def run_backend(
     size = src.stat().st_size
     extra = {"COMFYFLEET_PLANS": json.dumps(PLANS)}
     if weed is not None:
-        extra.update({
-            "COMFYFLEET_STORAGE": "s3", "COMFYFLEET_S3_BUCKET": weed.bucket,
-            "COMFYFLEET_S3_ENDPOINT_URL": weed.endpoint_url, "COMFYFLEET_S3_REGION": weed.region,
-            "COMFYFLEET_S3_ACCESS_KEY_ID": weed.access_key_id,
-            "COMFYFLEET_S3_SECRET_ACCESS_KEY": weed.secret_access_key,
-        })
+        extra.update(
+            {
+                "COMFYFLEET_STORAGE": "s3",
+                "COMFYFLEET_S3_BUCKET": weed.bucket,
+                "COMFYFLEET_S3_ENDPOINT_URL": weed.endpoint_url,
+                "COMFYFLEET_S3_REGION": weed.region,
+                "COMFYFLEET_S3_ACCESS_KEY_ID": weed.access_key_id,
+                "COMFYFLEET_S3_SECRET_ACCESS_KEY": weed.secret_access_key,
+            }
+        )
     env = service_env(database_url, work / f"data-{backend}", **extra)
     cli(env, "db", "upgrade")
     cli(env, "tenants", "create", f"bench-{backend}", "--plan", "bench")
@@ -188,8 +193,10 @@ async def main(mb: int, rounds: int) -> None:
             label = "upload" if way == "up" else "download"
             print(f"{backend:<8} {label:<9} {api:8.0f} {direct:8.0f} {api / direct:6.2f}")
     cached = results["local"]["direct_up_nofsync"]
-    print(f"(local direct upload is copy + fsync; a copy left in the page cache runs at {cached:.0f} MB/s, "
-          f"ratio {results['local']['api_up'] / cached:.2f})")
+    print(
+        f"(local direct upload is copy + fsync; a copy left in the page cache runs at {cached:.0f} MB/s, "
+        f"ratio {results['local']['api_up'] / cached:.2f})"
+    )
 
 
 if __name__ == "__main__":

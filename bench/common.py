@@ -11,11 +11,11 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -49,15 +49,23 @@ async def postgres_database() -> AsyncIterator[str]:
 
 
 def service_env(database_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
-    env = {**os.environ, **SECRETS, "COMFYFLEET_ENV": "test", "COMFYFLEET_DATABASE_URL": database_url,
-           "COMFYFLEET_DATA_DIR": str(data_dir), "COMFYFLEET_LOG_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        **SECRETS,
+        "COMFYFLEET_ENV": "test",
+        "COMFYFLEET_DATABASE_URL": database_url,
+        "COMFYFLEET_DATA_DIR": str(data_dir),
+        "COMFYFLEET_LOG_LEVEL": "WARNING",
+    }
     env.update(extra)
     return env
 
 
 def cli(env: dict[str, str], *args: str) -> str:
     exe = Path(sys.executable).parent / "comfyfleet"
-    return subprocess.run([str(exe), *args], env=env, check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        [str(exe), *args], env=env, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 @asynccontextmanager
@@ -100,8 +108,10 @@ class LoadResult:
         return ordered[min(len(ordered) - 1, int(len(ordered) * p))] if ordered else float("nan")
 
     def line(self, name: str) -> str:
-        return (f"{name:<28} {self.rate:8.0f} req/s   p50 {statistics.median(self.latencies_ms):6.2f} ms   "
-                f"p99 {self.percentile(0.99):6.2f} ms   errors {self.errors}")
+        return (
+            f"{name:<28} {self.rate:8.0f} req/s   p50 {statistics.median(self.latencies_ms):6.2f} ms   "
+            f"p99 {self.percentile(0.99):6.2f} ms   errors {self.errors}"
+        )
 
 
 async def load(
@@ -116,6 +126,7 @@ async def load(
     connector = aiohttp.TCPConnector(limit=concurrency)
 
     async with aiohttp.ClientSession(connector=connector) as session:
+
         async def worker(index: int) -> None:
             nonlocal errors
             counter = 0

@@ -32,9 +32,12 @@ def tracked_files() -> list[str]:
 def scan(files: list[str]) -> int:
     argv = [
         f"{BIN}/detect-secrets-hook",
-        "--baseline", str(BASELINE),
-        "-p", str(PLUGIN),
-        "--exclude-files", EXCLUDE,
+        "--baseline",
+        str(BASELINE),
+        "-p",
+        str(PLUGIN),
+        "--exclude-files",
+        EXCLUDE,
         *files,
     ]
     return subprocess.call(argv, cwd=ROOT)
@@ -57,8 +60,11 @@ def main(args: list[str]) -> int:
         return update_baseline()
     code = scan(args or tracked_files())
     if code != 0:
-        print("secret scan: a new secret-like string was found (see above); remove it, or review it "
-              "and run `python -m scripts.secret_scan --update` if it is not a secret", file=sys.stderr)
+        print(
+            "secret scan: a new secret-like string was found (see above); remove it, or review it "
+            "and run `python -m scripts.secret_scan --update` if it is not a secret",
+            file=sys.stderr,
+        )
     return code
 
 

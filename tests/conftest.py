@@ -22,7 +22,10 @@ from tests.support.services import PG_HOST, PG_PORT, reachable, require
 _HERE = Path(__file__).parent
 pytest_plugins = [
     plugin
-    for plugin, path in (("tests.fakes.fixtures", "fakes/fixtures.py"), ("tests.fixtures.seaweedfs", "fixtures/seaweedfs.py"))
+    for plugin, path in (
+        ("tests.fakes.fixtures", "fakes/fixtures.py"),
+        ("tests.fixtures.seaweedfs", "fixtures/seaweedfs.py"),
+    )
     if (_HERE / path).exists()
 ]
 
@@ -113,7 +116,7 @@ async def api(runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-class api_client:  # noqa: N801 - used like a function
+class api_client:
     """``async with api_client(runtime, background=...) as client``: app lifespan + httpx client."""
 
     def __init__(self, runtime: Runtime, *, background: bool = False) -> None:

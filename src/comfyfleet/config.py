@@ -66,7 +66,9 @@ class ModalSettings(BaseModel):
     models_volume: str = "comfyfleet-models"
     comfyui_version: str = "0.8.0"
     comfy_cli_version: str = "1.5.3"
-    custom_nodes_file: str | None = Field(None, description="Pinned custom nodes (one `name@version` a line).")
+    custom_nodes_file: str | None = Field(
+        None, description="Pinned custom nodes (one `name@version` a line)."
+    )
     inflight_cap: int = Field(64, description="Jobs dispatched to Modal and not yet finished, fleet-wide.")
     cancel_grace_s: float = Field(10.0, description="After this, FunctionCall.cancel() backs up a cancel.")
     python_version: str = Field("3.11", description="Python of the image (comfyfleet and ComfyUI's venv).")

@@ -85,9 +85,17 @@ async def test_sdk_uploads_dedups_and_reads_back(
         # The uploaded asset's bytes, through the SDK's download code (an output handle over its id).
         meta = await client.assets.get(first_id)
         handle = AsyncOutput(
-            LowOutput(node_id="", name="photo.png", type="image", content_type="image/png",
-                      size_bytes=len(source), id=first_id, hash=meta.hash, url=server.url,
-                      url_expires_at="2100-01-01T00:00:00Z"),
+            LowOutput(
+                node_id="",
+                name="photo.png",
+                type="image",
+                content_type="image/png",
+                size_bytes=len(source),
+                id=first_id,
+                hash=meta.hash,
+                url=server.url,
+                url_expires_at="2100-01-01T00:00:00Z",
+            ),
             client._low,
         )
         wire.clear()

@@ -23,7 +23,9 @@ pytestmark = pytest.mark.slow
 
 def png(width: int = 16, height: int = 12) -> bytes:
     image = Image.new("RGB", (width, height))
-    image.putdata([((x * 13) % 256, (y * 29) % 256, (x * y) % 256) for y in range(height) for x in range(width)])
+    image.putdata(
+        [((x * 13) % 256, (y * 29) % 256, (x * y) % 256) for y in range(height) for x in range(width)]
+    )
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -46,7 +48,9 @@ async def sdk(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> AsyncComfy
     return AsyncComfy(api_key=tenant.key)
 
 
-async def test_upload_run_and_download_inverted_pixels(service: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_upload_run_and_download_inverted_pixels(
+    service: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     source = png()
     async with await sdk(service, monkeypatch) as client:
         asset = client.assets.from_bytes(source, filename="photo.png", content_type="image/png")
@@ -63,5 +67,6 @@ async def test_upload_run_and_download_inverted_pixels(service: LiveServer, monk
     inverted = Image.open(io.BytesIO(data)).convert("RGB")
     assert inverted.size == original.size
     assert all(
-        tuple(255 - c for c in a) == tuple(b) for a, b in zip(original.getdata(), inverted.getdata(), strict=True)
+        tuple(255 - c for c in a) == tuple(b)
+        for a, b in zip(original.getdata(), inverted.getdata(), strict=True)
     )

@@ -57,7 +57,9 @@ async def sqlite_database(directory: Path) -> str:
     """A migrated SQLite file: migrations run once per session, then the file is copied."""
     global _template
     if _template is None or not _template.exists():
-        template_dir = Path(os.environ.get("PYTEST_TMP_TEMPLATE", "/tmp")) / f"cf-sqlite-template-{os.getpid()}"
+        template_dir = (
+            Path(os.environ.get("PYTEST_TMP_TEMPLATE", "/tmp")) / f"cf-sqlite-template-{os.getpid()}"
+        )
         template_dir.mkdir(parents=True, exist_ok=True)
         candidate = template_dir / "template.db"
         candidate.unlink(missing_ok=True)

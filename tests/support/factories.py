@@ -50,5 +50,7 @@ async def make_tenant(
 async def add_key(engine: AsyncEngine, settings: Settings, tenant_id: str, scopes: list[str]) -> str:
     async with engine.begin() as conn:
         new = key_codec.generate_key(settings.env, settings.secret_bytes("key_pepper"))
-        await repo.insert_key(conn, tenant_id=tenant_id, lookup=new.lookup, digest=new.digest, scopes=scopes, name=None)
+        await repo.insert_key(
+            conn, tenant_id=tenant_id, lookup=new.lookup, digest=new.digest, scopes=scopes, name=None
+        )
     return new.plaintext

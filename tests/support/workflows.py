@@ -5,9 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 
-def empty_image_save(width: int = 64, height: int = 64, color: int = 0, prefix: str = "out") -> dict[str, Any]:
+def empty_image_save(
+    width: int = 64, height: int = 64, color: int = 0, prefix: str = "out"
+) -> dict[str, Any]:
     return {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": width, "height": height, "batch_size": 1, "color": color}},
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": width, "height": height, "batch_size": 1, "color": color},
+        },
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
     }
 

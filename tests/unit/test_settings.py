@@ -20,7 +20,11 @@ def test_env_example_matches_the_settings_model() -> None:
 
 
 def test_every_variable_in_env_example_is_read_by_the_model() -> None:
-    names = {line.split("=", 1)[0] for line in render_env_example().splitlines() if line and not line.startswith("#")}
+    names = {
+        line.split("=", 1)[0]
+        for line in render_env_example().splitlines()
+        if line and not line.startswith("#")
+    }
     assert names == {f"COMFYFLEET_{name.upper()}" for name in Settings.model_fields}
 
 
@@ -41,11 +45,23 @@ def test_dev_starts_without_secrets_and_prod_with_real_ones() -> None:
 
 def test_the_loopback_switch_is_refused_outside_dev_and_test() -> None:
     prod = Settings(
-        env="prod", key_pepper=STRONG, url_signing_key=STRONG, webhook_encryption_key=STRONG, allow_loopback_urls=True  # type: ignore[arg-type]
+        env="prod",
+        key_pepper=STRONG,
+        url_signing_key=STRONG,
+        webhook_encryption_key=STRONG,
+        allow_loopback_urls=True,  # type: ignore[arg-type]
     )
     assert any("allow_loopback_urls" in p for p in prod.startup_problems())
-    assert Settings(env="test", allow_loopback_urls=True, key_pepper=STRONG, url_signing_key=STRONG,  # type: ignore[arg-type]
-                    webhook_encryption_key=STRONG).startup_problems() == []
+    assert (
+        Settings(
+            env="test",
+            allow_loopback_urls=True,
+            key_pepper=STRONG,
+            url_signing_key=STRONG,  # type: ignore[arg-type]
+            webhook_encryption_key=STRONG,
+        ).startup_problems()
+        == []
+    )
 
 
 def test_secrets_never_show_in_reprs() -> None:

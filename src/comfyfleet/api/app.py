@@ -21,9 +21,7 @@ from comfyfleet.services import BackgroundServices
 log = logging.getLogger(__name__)
 
 
-def create_app(
-    settings: Settings, *, runtime: Runtime | None = None, background: bool = True
-) -> FastAPI:
+def create_app(settings: Settings, *, runtime: Runtime | None = None, background: bool = True) -> FastAPI:
     """The API. With ``background`` the process also runs what the settings ask for besides the API
     (local workers, reaper, webhook sender); ``comfyfleet api`` runs the API alone."""
     problems = settings.startup_problems()

@@ -52,14 +52,23 @@ class _BodyTooLarge(Exception):
 
 async def _too_large(send: Send, limit: int) -> None:
     body = orjson.dumps(
-        {"error": {"code": "payload_too_large", "message": f"The request body exceeds {limit} bytes", "details": None}}
+        {
+            "error": {
+                "code": "payload_too_large",
+                "message": f"The request body exceeds {limit} bytes",
+                "details": None,
+            }
+        }
     )
     try:
         await send(
             {
                 "type": "http.response.start",
                 "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
             }
         )
         await send({"type": "http.response.body", "body": body})
@@ -83,8 +92,11 @@ class RateLimitHeadersMiddleware:
                 headers = scope.get("state", {}).get("rate_headers")
                 if headers:
                     existing = {k.lower() for k, _ in message.get("headers", [])}
-                    extra = [(k.lower().encode(), v.encode()) for k, v in headers.items()
-                             if k.lower().encode() not in existing]
+                    extra = [
+                        (k.lower().encode(), v.encode())
+                        for k, v in headers.items()
+                        if k.lower().encode() not in existing
+                    ]
                     message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 

@@ -47,12 +47,16 @@ async def existing_ids(conn: AsyncConnection, tenant_id: str, ids: Iterable[str]
     wanted = list(ids)
     if not wanted:
         return set()
-    rows = await conn.execute(for_tenant(select(assets.c.id), assets, tenant_id).where(assets.c.id.in_(wanted)))
+    rows = await conn.execute(
+        for_tenant(select(assets.c.id), assets, tenant_id).where(assets.c.id.in_(wanted))
+    )
     return {r[0] for r in rows}
 
 
 async def get_asset(conn: AsyncConnection, tenant_id: str, asset_id: str) -> AssetRow | None:
-    row = (await conn.execute(for_tenant(select(assets), assets, tenant_id).where(assets.c.id == asset_id))).first()
+    row = (
+        await conn.execute(for_tenant(select(assets), assets, tenant_id).where(assets.c.id == asset_id))
+    ).first()
     return _asset(row._mapping) if row else None
 
 
@@ -73,7 +77,9 @@ async def outputs_for_job(conn: AsyncConnection, tenant_id: str, job_id: str) ->
 
 
 async def get_blob(conn: AsyncConnection, tenant_id: str, blob_hash: str) -> BlobRow | None:
-    row = (await conn.execute(for_tenant(select(blobs), blobs, tenant_id).where(blobs.c.hash == blob_hash))).first()
+    row = (
+        await conn.execute(for_tenant(select(blobs), blobs, tenant_id).where(blobs.c.hash == blob_hash))
+    ).first()
     return BlobRow(**row._mapping) if row else None
 
 
@@ -96,7 +102,9 @@ async def find_asset_by_hash(
     query = for_tenant(select(assets), assets, tenant_id).where(
         assets.c.hash == blob_hash, assets.c.job_id.is_(None)
     )
-    query = query.where(assets.c.file_path.is_(None) if file_path is None else assets.c.file_path == file_path)
+    query = query.where(
+        assets.c.file_path.is_(None) if file_path is None else assets.c.file_path == file_path
+    )
     row = (await conn.execute(query.order_by(assets.c.created_at).limit(1))).first()
     return _asset(row._mapping) if row else None
 
@@ -129,7 +137,10 @@ async def delete_assets(conn: AsyncConnection, asset_ids: Sequence[str]) -> None
 async def delete_assets_of_jobs(conn: AsyncConnection, job_ids: Sequence[str]) -> list[AssetRow]:
     if not job_ids:
         return []
-    rows = [_asset(r._mapping) for r in await conn.execute(select(assets).where(assets.c.job_id.in_(list(job_ids))))]
+    rows = [
+        _asset(r._mapping)
+        for r in await conn.execute(select(assets).where(assets.c.job_id.in_(list(job_ids))))
+    ]
     await delete_assets(conn, [a.id for a in rows])
     return rows
 
@@ -140,7 +151,9 @@ async def orphan_blobs(conn: AsyncConnection, candidates: Iterable[tuple[str, st
     for tenant_id, blob_hash in set(candidates):
         still_used = (
             await conn.execute(
-                for_tenant(select(func.count()).select_from(assets), assets, tenant_id).where(assets.c.hash == blob_hash)
+                for_tenant(select(func.count()).select_from(assets), assets, tenant_id).where(
+                    assets.c.hash == blob_hash
+                )
             )
         ).scalar_one()
         if still_used == 0:

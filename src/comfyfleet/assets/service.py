@@ -94,7 +94,7 @@ async def store_blob(
 ) -> bool:
     """Put the bytes in storage unless this tenant already has them. True when newly stored.
     ``consume``: the file is the caller's to give away (a spooled upload), see ``Storage.put_file``."""
-    async with runtime.engine.connect() as conn:
+    async with runtime.reader.connect() as conn:  # a read: no SQLite write lock for it
         if await repo.get_blob(conn, tenant_id, HASH_PREFIX + blob_hex) is not None:
             return False
     key = blob_key(tenant_id, blob_hex)
@@ -221,14 +221,50 @@ async def commit_output(
     — outputs only ever live in storage, never inline in a response. ``guard`` runs in the
     transaction that records the asset; when it answers False nothing is recorded and None is
     returned (the worker's way to commit no output once a cancel was accepted)."""
-    blob_hex, size, head = await asyncio.to_thread(hash_file, path)
+    hashed = _hash_if_small(path)
+    if hashed is None:
+        hashed = await asyncio.to_thread(hash_file, path)
+    blob_hex, size, head = hashed
     guessed = mimetypes.guess_type(name)[0]
     kind = content_type or sniff_content_type(head) or guessed or "application/octet-stream"
+    blob_hash, key = HASH_PREFIX + blob_hex, blob_key(tenant_id, blob_hex)
+    async with runtime.reader.connect() as conn:
+        known = await repo.get_blob(conn, tenant_id, blob_hash) is not None
+    if not known:  # bytes the tenant has already are not stored again
+        await _put_with_retries(runtime, key, path, kind, name)
+    # One transaction records the blob and the asset (one commit fewer on the job's path); the blob
+    # row stays even when the guard refuses the asset, so retention still finds the stored bytes.
+    async with runtime.engine.begin() as conn:
+        if not known:
+            await repo.insert_blob(
+                conn, BlobRow(tenant_id=tenant_id, hash=blob_hash, size_bytes=size, storage_key=key,
+                              created_at=utcnow())
+            )
+        if guard is not None and not await guard(conn):
+            return None
+        asset = AssetRow(
+            id=str(uuid.uuid4()), tenant_id=tenant_id, hash=blob_hash, size_bytes=size,
+            content_type=kind, file_path=sanitize_filename(name), tags=None, job_id=job_id, node_id=node_id,
+            output_type=output_type, created_at=utcnow(), expires_at=job_expires_at,
+        )
+        await repo.insert_asset(conn, asset)
+    return asset
+
+
+INLINE_HASH_BYTES = 1 << 20
+
+
+def _hash_if_small(path: Path) -> tuple[str, int, bytes] | None:
+    """Hash here when the file is small (most images): quicker than a hop to a worker thread."""
+    return hash_file(path) if path.stat().st_size <= INLINE_HASH_BYTES else None
+
+
+async def _put_with_retries(runtime: Runtime, key: str, path: Path, content_type: str, name: str) -> None:
     attempts = max(1, runtime.settings.storage_retries)
     for attempt in range(1, attempts + 1):
         try:
-            await store_blob(runtime, tenant_id, path, blob_hex, size, kind)
-            break
+            await runtime.storage.put_file(key, str(path), content_type)
+            return
         except StorageError as exc:
             if attempt == attempts:
                 raise Retryable(f"Storing output {name} failed after {attempts} attempts: {exc}") from exc
@@ -236,16 +272,6 @@ async def commit_output(
             log.warning("storing output %s failed (attempt %d/%d): %s; retrying in %.1fs",
                         name, attempt, attempts, exc, delay)
             await asyncio.sleep(delay)
-    async with runtime.engine.begin() as conn:
-        if guard is not None and not await guard(conn):
-            return None
-        asset = AssetRow(
-            id=str(uuid.uuid4()), tenant_id=tenant_id, hash=HASH_PREFIX + blob_hex, size_bytes=size,
-            content_type=kind, file_path=sanitize_filename(name), tags=None, job_id=job_id, node_id=node_id,
-            output_type=output_type, created_at=utcnow(), expires_at=job_expires_at,
-        )
-        await repo.insert_asset(conn, asset)
-    return asset
 
 
 def hash_file(path: Path) -> tuple[str, int, bytes]:

@@ -40,7 +40,9 @@ def _fail(message: str) -> typer.Exit:
 
 
 @tenants_app.command("create")
-def tenants_create(name: str, plan: Annotated[str, typer.Option(help="Plan name from settings.")] = "free") -> None:
+def tenants_create(
+    name: str, plan: Annotated[str, typer.Option(help="Plan name from settings.")] = "free"
+) -> None:
     async def action(conn: AsyncConnection, settings: Settings) -> repo.Tenant:
         if plan not in settings.plans:
             raise _fail(f"unknown plan {plan!r}; configured: {', '.join(settings.plans)}")
@@ -78,7 +80,9 @@ def keys_create(
         if found is None:
             raise _fail(f"no tenant {tenant!r}")
         new = key_codec.generate_key(settings.env, settings.secret_bytes("key_pepper"))
-        await repo.insert_key(conn, tenant_id=found.id, lookup=new.lookup, digest=new.digest, scopes=scopes, name=name)
+        await repo.insert_key(
+            conn, tenant_id=found.id, lookup=new.lookup, digest=new.digest, scopes=scopes, name=name
+        )
         return new.plaintext
 
     typer.echo(_run(action))
@@ -97,9 +101,10 @@ def keys_list(tenant: Annotated[str | None, typer.Argument(help="Tenant id or na
 
     for key in _run(action):
         state = "revoked" if key.revoked_at else "active"
+        last_used = key.last_used_at.isoformat() if key.last_used_at else "-"
         typer.echo(
             f"{key.id}\t{key.tenant_id}\tcf_…{key.lookup}\t{','.join(key.scopes)}\t{state}\t"
-            f"created={key.created_at.isoformat()}\tlast_used={key.last_used_at.isoformat() if key.last_used_at else '-'}"
+            f"created={key.created_at.isoformat()}\tlast_used={last_used}"
         )
 
 

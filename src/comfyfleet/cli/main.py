@@ -45,7 +45,9 @@ def _serve(settings: Settings, host: str, port: int, background: bool) -> None:
         raise typer.Exit(2) from exc
     # The embedded default creates its schema on start; a fleet runs `comfyfleet db upgrade` once.
     asyncio.run(upgrade(settings.resolved_database_url))
-    uvicorn.run(app_, host=host, port=port, log_level="info", access_log=False, loop="uvloop", http="httptools")
+    uvicorn.run(
+        app_, host=host, port=port, log_level="info", access_log=False, loop="uvloop", http="httptools"
+    )
 
 
 @app.command()

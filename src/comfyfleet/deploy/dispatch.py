@@ -188,8 +188,12 @@ async def _cancel_backstop(runtime: Runtime, spawner: Spawner, now: datetime, re
                 await repo.restore_call_id(conn, job_id, call_id=call_id)
             continue
         # The container's input is cancelled; its lease lapses and the reaper ends the job canceled.
-        log.warning("dispatch: job %s ignored its cancel for %gs; cancelled Modal call %s",
-                    job_id, runtime.settings.modal.cancel_grace_s, call_id)
+        log.warning(
+            "dispatch: job %s ignored its cancel for %gs; cancelled Modal call %s",
+            job_id,
+            runtime.settings.modal.cancel_grace_s,
+            call_id,
+        )
         report.cancels_sent.append(job_id)
 
 

@@ -125,10 +125,25 @@ _PROJECT_ROOT = Path(comfyfleet.__file__).resolve().parents[2]  # src layout: <r
 _LOCKFILE = _PROJECT_ROOT / "requirements.lock"
 _COMFY = [f"{COMFY_VENV}/bin/comfy", "--skip-prompt", "--workspace", COMFYUI_DIR]
 # ComfyUI finds the models on the volume through this file; its own models/ (configs) stays.
-_MODEL_FOLDERS = ("checkpoints", "clip", "clip_vision", "configs", "controlnet", "diffusion_models",
-                  "embeddings", "loras", "text_encoders", "unet", "upscale_models", "vae")
-EXTRA_MODEL_PATHS = "comfyfleet:\n  base_path: " + MODELS_DIR + "\n" + "".join(
-    f"  {folder}: {folder}\n" for folder in _MODEL_FOLDERS
+_MODEL_FOLDERS = (
+    "checkpoints",
+    "clip",
+    "clip_vision",
+    "configs",
+    "controlnet",
+    "diffusion_models",
+    "embeddings",
+    "loras",
+    "text_encoders",
+    "unet",
+    "upscale_models",
+    "vae",
+)
+EXTRA_MODEL_PATHS = (
+    "comfyfleet:\n  base_path: "
+    + MODELS_DIR
+    + "\n"
+    + "".join(f"  {folder}: {folder}\n" for folder in _MODEL_FOLDERS)
 )
 
 

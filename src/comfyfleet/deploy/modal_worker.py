@@ -472,7 +472,11 @@ class ModalContainer:
             on_sick=_stop_fetching_inputs,
         )
         self.worker = ContainerWorker(
-            runtime, executors, name=name, health=health, reset_slot=self._reset_slot,
+            runtime,
+            executors,
+            name=name,
+            health=health,
+            reset_slot=self._reset_slot,
             job_timeout_s=float(modal_settings.job_timeout_s),
         )
         self._health_task = asyncio.ensure_future(health.run(self._stop, modal_settings.health_interval_s))
@@ -570,8 +574,12 @@ async def _probe_slot(client: Any, index: int, instance: Any) -> SlotProbe:
             items = queue.get("queue_running") or []
             running = str(items[0][1]) if items else None
     return SlotProbe(
-        index=index, state=status.state, answers=answers, running_prompt=running,
-        pid=status.pid, rss_mib=read_rss_mib(status.pid),
+        index=index,
+        state=status.state,
+        answers=answers,
+        running_prompt=running,
+        pid=status.pid,
+        rss_mib=read_rss_mib(status.pid),
     )
 
 

@@ -73,8 +73,10 @@ def _position_of(job: Any) -> Any:
         .select_from(ahead)
         .where(
             ahead.c.status == JobStatus.QUEUED.value,
-            or_(ahead.c.priority > job.c.priority,
-                and_(ahead.c.priority == job.c.priority, ahead.c.created_at < job.c.created_at)),
+            or_(
+                ahead.c.priority > job.c.priority,
+                and_(ahead.c.priority == job.c.priority, ahead.c.created_at < job.c.created_at),
+            ),
         )
         .scalar_subquery()
     )
@@ -82,8 +84,12 @@ def _position_of(job: Any) -> Any:
 
 # The poll path's statement, built once: one round trip answers the job and its queue position.
 _GET_JOB = for_tenant(
-    select(*_SUMMARY, case((jobs.c.status == JobStatus.QUEUED.value, _position_of(jobs)), else_=None)
-           .label("queue_position")),
+    select(
+        *_SUMMARY,
+        case((jobs.c.status == JobStatus.QUEUED.value, _position_of(jobs)), else_=None).label(
+            "queue_position"
+        ),
+    ),
     jobs,
     bindparam("tenant_id"),
 ).where(jobs.c.id == bindparam("job_id"))
@@ -154,9 +160,9 @@ async def _batches(conn: AsyncConnection, query: Any, size: int) -> Any:
             return
 
 
-_COUNT_WAITING = for_tenant(
-    select(func.count()).select_from(jobs), jobs, bindparam("tenant_id")
-).where(jobs.c.status == JobStatus.QUEUED.value)
+_COUNT_WAITING = for_tenant(select(func.count()).select_from(jobs), jobs, bindparam("tenant_id")).where(
+    jobs.c.status == JobStatus.QUEUED.value
+)
 
 
 async def count_waiting(conn: AsyncConnection, tenant_id: str) -> int:
@@ -164,12 +170,16 @@ async def count_waiting(conn: AsyncConnection, tenant_id: str) -> int:
     return int((await conn.execute(_COUNT_WAITING, {"tenant_id": tenant_id})).scalar_one())
 
 
-_QUEUE_POSITION = select(func.count()).select_from(jobs).where(
-    jobs.c.status == JobStatus.QUEUED.value,
-    or_(
-        jobs.c.priority > bindparam("priority"),
-        and_(jobs.c.priority == bindparam("priority"), jobs.c.created_at < bindparam("created_at")),
-    ),
+_QUEUE_POSITION = (
+    select(func.count())
+    .select_from(jobs)
+    .where(
+        jobs.c.status == JobStatus.QUEUED.value,
+        or_(
+            jobs.c.priority > bindparam("priority"),
+            and_(jobs.c.priority == bindparam("priority"), jobs.c.created_at < bindparam("created_at")),
+        ),
+    )
 )
 
 
@@ -278,12 +288,16 @@ async def lock_tenant(conn: AsyncConnection, tenant_id: str) -> bool:
 
 
 async def count_active(conn: AsyncConnection, tenant_id: str) -> int:
-    query = select(func.count()).select_from(jobs).where(
-        jobs.c.tenant_id == tenant_id,
-        or_(
-            jobs.c.status.in_([s.value for s in ACTIVE]),
-            and_(jobs.c.status == JobStatus.QUEUED, jobs.c.dispatched_at.is_not(None)),
-        ),
+    query = (
+        select(func.count())
+        .select_from(jobs)
+        .where(
+            jobs.c.tenant_id == tenant_id,
+            or_(
+                jobs.c.status.in_([s.value for s in ACTIVE]),
+                and_(jobs.c.status == JobStatus.QUEUED, jobs.c.dispatched_at.is_not(None)),
+            ),
+        )
     )
     return int((await conn.execute(query)).scalar_one())
 
@@ -306,7 +320,12 @@ async def next_queued_id(conn: AsyncConnection, tenant_id: str, *, now: datetime
 
 
 async def mark_running(
-    conn: AsyncConnection, job_id: str, *, worker: str, lease_s: float, now: datetime,
+    conn: AsyncConnection,
+    job_id: str,
+    *,
+    worker: str,
+    lease_s: float,
+    now: datetime,
     dispatch_ref: str | None = None,
 ) -> JobRow | None:
     """queued → running with a lease. With ``dispatch_ref`` only the job dispatched under that ref
@@ -360,10 +379,14 @@ async def stale_dispatches(conn: AsyncConnection, *, older_than: datetime) -> li
 
 async def dispatched_count(conn: AsyncConnection) -> int:
     """Jobs handed to remote workers and not finished (the fleet's in-flight count)."""
-    query = select(func.count()).select_from(jobs).where(
-        or_(
-            and_(jobs.c.status == JobStatus.QUEUED, jobs.c.dispatched_at.is_not(None)),
-            and_(jobs.c.status.in_([s.value for s in ACTIVE]), jobs.c.dispatch_ref.is_not(None)),
+    query = (
+        select(func.count())
+        .select_from(jobs)
+        .where(
+            or_(
+                and_(jobs.c.status == JobStatus.QUEUED, jobs.c.dispatched_at.is_not(None)),
+                and_(jobs.c.status.in_([s.value for s in ACTIVE]), jobs.c.dispatch_ref.is_not(None)),
+            )
         )
     )
     return int((await conn.execute(query)).scalar_one())

@@ -46,7 +46,12 @@ def job_body(
 
 def job_error(code: str, message: str, **fields: Any) -> dict[str, Any]:
     """The contract's JobError: code, message, node_id, class_type, traceback (+ our details)."""
-    error: dict[str, Any] = {"code": code, "message": message, "node_id": None, "class_type": None,
-                             "traceback": None}
+    error: dict[str, Any] = {
+        "code": code,
+        "message": message,
+        "node_id": None,
+        "class_type": None,
+        "traceback": None,
+    }
     error.update({k: v for k, v in fields.items() if v is not None})
     return error

@@ -65,7 +65,9 @@ def parse_labels(raw: object, max_pairs: int) -> dict[str, str] | None:
     if len(raw) > max_pairs:
         raise ValidationFailed(f"'metadata' holds at most {max_pairs} labels", code="invalid_request")
     if any(len(k) > 64 or len(v) > 512 for k, v in raw.items()):
-        raise ValidationFailed("metadata keys are at most 64 and values 512 characters", code="invalid_request")
+        raise ValidationFailed(
+            "metadata keys are at most 64 and values 512 characters", code="invalid_request"
+        )
     return dict(raw)
 
 
@@ -86,7 +88,9 @@ async def check_assets(conn: AsyncConnection, tenant_id: str, workflow: dict[str
         raise ValidationFailed(
             "The workflow references assets that do not exist",
             code="missing_asset",
-            details={"missing": [{"node_id": r.node_id, "input": r.input, "id": r.asset_id} for r in missing]},
+            details={
+                "missing": [{"node_id": r.node_id, "input": r.input, "id": r.asset_id} for r in missing]
+            },
         )
 
 
@@ -148,13 +152,17 @@ def parse_statuses(raw: str | None) -> list[str] | None:
     bad = [s for s in statuses if s not in valid]
     if bad:
         raise ValidationFailed(
-            f"Unknown status filter: {', '.join(bad)}", code="invalid_request", details={"valid": sorted(valid)}
+            f"Unknown status filter: {', '.join(bad)}",
+            code="invalid_request",
+            details={"valid": sorted(valid)},
         )
     return statuses
 
 
 def parse_label_filter(query: Mapping[str, str]) -> dict[str, str]:
-    return {k[len("metadata[") : -1]: v for k, v in query.items() if k.startswith("metadata[") and k.endswith("]")}
+    return {
+        k[len("metadata[") : -1]: v for k, v in query.items() if k.startswith("metadata[") and k.endswith("]")
+    }
 
 
 def _looks_like_id(value: str) -> bool:

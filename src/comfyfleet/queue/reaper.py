@@ -10,6 +10,8 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from comfyfleet.assets import repository as asset_repo
 from comfyfleet.assets import retention
 from comfyfleet.jobs import idempotency
@@ -44,14 +46,22 @@ async def reap_once(runtime: Runtime, now: datetime | None = None) -> ReapReport
             if row is None:
                 continue
             changed.append(row)
-            {JobStatus.QUEUED: report.requeued, JobStatus.FAILED: report.failed,
-             JobStatus.CANCELED: report.canceled}[JobStatus(row.status)].append(row.id)
+            {
+                JobStatus.QUEUED: report.requeued,
+                JobStatus.FAILED: report.failed,
+                JobStatus.CANCELED: report.canceled,
+            }[JobStatus(row.status)].append(row.id)
         for job_id in await repo.past_queue_deadline(conn, now=now):
             error = job_error(
                 "queue_deadline_exceeded", "The job waited longer than its plan's queue deadline"
             )
             row = await repo.finish(
-                conn, job_id, worker=None, target=JobStatus.EXPIRED, sources=[JobStatus.QUEUED], now=now,
+                conn,
+                job_id,
+                worker=None,
+                target=JobStatus.EXPIRED,
+                sources=[JobStatus.QUEUED],
+                now=now,
                 error=error,
             )
             if row is not None:
@@ -68,18 +78,40 @@ async def reap_once(runtime: Runtime, now: datetime | None = None) -> ReapReport
     return report
 
 
-async def _recover(conn: object, job: JobRow, now: datetime) -> JobRow | None:
-    kw = {"worker": None, "now": now, "lease_expired": True}
+async def _recover(conn: AsyncConnection, job: JobRow, now: datetime) -> JobRow | None:
     if job.status == JobStatus.CANCELING:
-        return await repo.finish(conn, job.id, target=JobStatus.CANCELED, sources=[JobStatus.CANCELING], **kw)  # type: ignore[arg-type]
+        return await repo.finish(
+            conn,
+            job.id,
+            worker=None,
+            now=now,
+            lease_expired=True,
+            target=JobStatus.CANCELED,
+            sources=[JobStatus.CANCELING],
+        )
     if job.attempts < job.max_attempts:
-        row = await repo.finish(conn, job.id, target=JobStatus.QUEUED, sources=[JobStatus.RUNNING], **kw)  # type: ignore[arg-type]
+        row = await repo.finish(
+            conn,
+            job.id,
+            worker=None,
+            now=now,
+            lease_expired=True,
+            target=JobStatus.QUEUED,
+            sources=[JobStatus.RUNNING],
+        )
         if row is not None:  # the next attempt produces the outputs again: one set, not two
-            await asset_repo.delete_assets_of_jobs(conn, [job.id])  # type: ignore[arg-type]
+            await asset_repo.delete_assets_of_jobs(conn, [job.id])
         return row
     error = job_error("worker_lost", f"The worker running this job was lost {job.attempts} time(s)")
     return await repo.finish(
-        conn, job.id, target=JobStatus.FAILED, sources=[JobStatus.RUNNING], error=error, **kw  # type: ignore[arg-type]
+        conn,
+        job.id,
+        worker=None,
+        now=now,
+        lease_expired=True,
+        target=JobStatus.FAILED,
+        sources=[JobStatus.RUNNING],
+        error=error,
     )
 
 

@@ -55,7 +55,9 @@ class RateLimiter:
         request.state.rate_headers = headers
         if not allowed:
             error = TooManyRequests(
-                f"Rate limit exceeded: {rate} for {kind} requests", code="rate_limited", retry_after=max(1, reset_in)
+                f"Rate limit exceeded: {rate} for {kind} requests",
+                code="rate_limited",
+                retry_after=max(1, reset_in),
             )
             error.headers = headers  # type: ignore[attr-defined]
             raise error

@@ -21,7 +21,7 @@ DEFAULT_SCOPES = ("jobs:read", "jobs:write", "assets:read", "assets:write")
 _BASE62 = string.digits + string.ascii_letters
 LOOKUP_LENGTH = 12
 SECRET_LENGTH = 32
-KEY_PATTERN = re.compile(r"^cf_(dev|test|prod)_([0-9A-Za-z]{%d,})$" % (LOOKUP_LENGTH + SECRET_LENGTH))
+KEY_PATTERN = re.compile(rf"^cf_(dev|test|prod)_([0-9A-Za-z]{{{LOOKUP_LENGTH + SECRET_LENGTH},}})$")
 
 
 @dataclass(frozen=True)

@@ -46,9 +46,7 @@ async def create_tenant(conn: AsyncConnection, name: str, plan: str) -> Tenant:
 async def get_tenant(conn: AsyncConnection, tenant_id_or_name: str) -> Tenant | None:
     row = (
         await conn.execute(
-            select(tenants).where(
-                (tenants.c.id == tenant_id_or_name) | (tenants.c.name == tenant_id_or_name)
-            )
+            select(tenants).where((tenants.c.id == tenant_id_or_name) | (tenants.c.name == tenant_id_or_name))
         )
     ).first()
     return Tenant(**row._mapping) if row else None
@@ -94,8 +92,13 @@ async def insert_key(
 async def key_by_lookup(conn: AsyncConnection, lookup: str) -> tuple[ApiKeyRecord, Tenant] | None:
     row = (
         await conn.execute(
-            select(api_keys, tenants.c.name.label("tenant_name"), tenants.c.plan,
-                   tenants.c.created_at.label("tenant_created_at"), tenants.c.url_allowed_domains)
+            select(
+                api_keys,
+                tenants.c.name.label("tenant_name"),
+                tenants.c.plan,
+                tenants.c.created_at.label("tenant_created_at"),
+                tenants.c.url_allowed_domains,
+            )
             .join(tenants, tenants.c.id == api_keys.c.tenant_id)
             .where(api_keys.c.lookup == lookup)
         )

@@ -46,13 +46,13 @@ from comfyfleet.jobs.schemas import job_urls
 from comfyfleet.runtime import Runtime
 from comfyfleet.security.guarded_http import guarded_client
 from comfyfleet.security.ssrf import UrlFetchFailed, UrlNotAllowed
+from comfyfleet.security.url_policy import url_policy
 from comfyfleet.timeutil import isoformat, utcnow
 from comfyfleet.webhooks import repository as repo
 from comfyfleet.webhooks import retry
 from comfyfleet.webhooks.outbox import TERMINAL_EVENTS
 from comfyfleet.webhooks.repository import DeliveryRow, EndpointRow
 from comfyfleet.webhooks.secrets import SecretUnreadable, decrypt_secret, signature_header
-from comfyfleet.security.url_policy import url_policy
 from comfyfleet.webhooks.service import job_url_secret_id
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from comfyfleet.config import Settings
 from comfyfleet.errors import Conflict, NotFound, ValidationFailed
-from comfyfleet.runtime import Runtime
 from comfyfleet.security.ssrf import UrlFetchFailed, check_url
 from comfyfleet.security.url_policy import url_policy
 from comfyfleet.tenants.repository import Tenant

@@ -49,8 +49,12 @@ async def slots_from(supervisor: Supervisor, worker_name: str) -> list[Slot]:
     slots: list[Slot] = []
     for index, instance in enumerate(supervisor.instances):
         client = ComfyClient(instance.url, client_id=f"comfyfleet-{worker_name}-{index}")
-        slot = Slot(name=f"{worker_name}-{index}", client=client, restart=_restarter(instance),
-                    healthy=_health_of(instance))
+        slot = Slot(
+            name=f"{worker_name}-{index}",
+            client=client,
+            restart=_restarter(instance),
+            healthy=_health_of(instance),
+        )
         if isinstance(instance, ComfyProcess):
             spec = instance.spec
             # ComfyUI puts temp files in a `temp` folder *inside* --temp-directory.

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import mimetypes
 
-_BY_MEDIA = {"images": "image", "gifs": "video", "videos": "video", "video": "video", "audio": "audio",
-             "text": "text", "latents": "latent", "3d": "file", "meshes": "file"}
+_BY_MEDIA = {
+    "images": "image",
+    "gifs": "video",
+    "videos": "video",
+    "video": "video",
+    "audio": "audio",
+    "text": "text",
+    "latents": "latent",
+    "3d": "file",
+    "meshes": "file",
+}
 _BY_EXTENSION = {".latent": "latent", ".safetensors": "file", ".txt": "text", ".json": "text"}
 
 

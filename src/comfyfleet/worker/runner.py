@@ -130,7 +130,7 @@ class ComfyRunner:
         refs = find_asset_refs(ctx.job.workflow)
         if not refs:
             return {}
-        async with self.runtime.engine.connect() as conn:
+        async with self.runtime.reader.connect() as conn:
             rows = await asset_repo.get_assets(conn, ctx.job.tenant_id, [r.asset_id for r in refs])
             found = {a.id: a for a in rows}
         staged: dict[str, str] = {}

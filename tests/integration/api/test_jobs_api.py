@@ -46,12 +46,14 @@ async def test_health_and_readiness(api: httpx.AsyncClient) -> None:
     assert ready.status_code == 200 and ready.json()["checks"]["database"] == "ok"
 
 
-async def test_another_tenants_job_is_a_404_like_a_missing_one(api: httpx.AsyncClient, runtime: Runtime) -> None:
+async def test_another_tenants_job_is_a_404_like_a_missing_one(
+    api: httpx.AsyncClient, runtime: Runtime
+) -> None:
     owner = await make_tenant(runtime.engine, runtime.settings)
     other = await make_tenant(runtime.engine, runtime.settings)
     job_id = (await submit(api, owner.headers)).json()["id"]
     missing_id = str(uuid.uuid4())
-    for path in (f"/api/v2/jobs/{{}}", f"/api/v2/jobs/{{}}/cancel"):
+    for path in ("/api/v2/jobs/{}", "/api/v2/jobs/{}/cancel"):
         method = api.post if path.endswith("cancel") else api.get
         foreign = await method(path.format(job_id), headers=other.headers)
         missing = await method(path.format(missing_id), headers=other.headers)
@@ -72,7 +74,9 @@ async def test_unknown_revoked_and_missing_keys_get_401(api: httpx.AsyncClient, 
     assert_error(await api.get("/api/v2/jobs"), 401, "unauthorized")
     assert_error(await api.get("/api/v2/jobs", headers={"Authorization": "Bearer nope"}), 401, "unauthorized")
     forged = tenant.key[:-4] + ("AAAA" if not tenant.key.endswith("AAAA") else "BBBB")
-    assert_error(await api.get("/api/v2/jobs", headers={"Authorization": f"Bearer {forged}"}), 401, "unauthorized")
+    assert_error(
+        await api.get("/api/v2/jobs", headers={"Authorization": f"Bearer {forged}"}), 401, "unauthorized"
+    )
     assert (await api.get("/api/v2/jobs", headers=tenant.headers)).status_code == 200
     async with runtime.engine.begin() as conn:
         assert await tenant_repo.revoke_key(conn, tenant.key_id)
@@ -86,7 +90,9 @@ async def test_a_key_without_the_scope_gets_403(api: httpx.AsyncClient, runtime:
     assert (await api.get("/api/v2/jobs", headers=headers)).status_code == 200
     assert_error(await submit(api, headers), 403, "forbidden")
     assets_only = await add_key(runtime.engine, runtime.settings, tenant.id, ["assets:read"])
-    assert_error(await api.get("/api/v2/jobs", headers={"Authorization": f"Bearer {assets_only}"}), 403, "forbidden")
+    assert_error(
+        await api.get("/api/v2/jobs", headers={"Authorization": f"Bearer {assets_only}"}), 403, "forbidden"
+    )
 
 
 async def test_idempotency_replay_and_reuse(api: httpx.AsyncClient, runtime: Runtime) -> None:
@@ -98,9 +104,7 @@ async def test_idempotency_replay_and_reuse(api: httpx.AsyncClient, runtime: Run
     assert again.headers["Idempotency-Replayed"] == "true"
     assert "Idempotency-Replayed" not in first.headers
     assert again.json()["id"] == first.json()["id"]
-    different = await api.post(
-        "/api/v2/jobs", json={"workflow": empty_image_save(color=5)}, headers=headers
-    )
+    different = await api.post("/api/v2/jobs", json={"workflow": empty_image_save(color=5)}, headers=headers)
     assert_error(different, 422, "idempotency_key_reuse")
     # Keys are per tenant: the same key from another tenant is a new request.
     other = await make_tenant(runtime.engine, runtime.settings)
@@ -115,10 +119,18 @@ async def test_idempotency_replay_and_reuse(api: httpx.AsyncClient, runtime: Run
     [
         ({"workflow": {"nodes": [], "links": [], "version": 0.4}}, 422, "workflow_format_ui"),
         ({"workflow": {"1": {"inputs": {}}}}, 422, "invalid_workflow"),
-        ({"workflow": {"1": {"class_type": "SaveImage", "inputs": {"images": ["9", 0]}}}}, 422, "invalid_workflow"),
+        (
+            {"workflow": {"1": {"class_type": "SaveImage", "inputs": {"images": ["9", 0]}}}},
+            422,
+            "invalid_workflow",
+        ),
         ({"workflow": []}, 422, "invalid_workflow"),
         ({}, 422, "invalid_request"),
-        ({"workflow": {"1": {"class_type": "EmptyImage", "inputs": {}}}, "metadata": "x"}, 422, "invalid_request"),
+        (
+            {"workflow": {"1": {"class_type": "EmptyImage", "inputs": {}}}, "metadata": "x"},
+            422,
+            "invalid_request",
+        ),
         ({"workflow": {"1": {"class_type": "EmptyImage", "inputs": {}}}, "bogus": 1}, 422, "invalid_request"),
     ],
 )
@@ -155,7 +167,9 @@ async def test_max_queued_answers_429_queue_full(api: httpx.AsyncClient, runtime
     assert int(refused.headers["Retry-After"]) > 0
 
 
-async def test_listing_filters_pages_and_orders_newest_first(api: httpx.AsyncClient, runtime: Runtime) -> None:
+async def test_listing_filters_pages_and_orders_newest_first(
+    api: httpx.AsyncClient, runtime: Runtime
+) -> None:
     tenant = await make_tenant(runtime.engine, runtime.settings)
     ids = [(await submit(api, tenant.headers)).json()["id"] for _ in range(5)]
     await api.post(f"/api/v2/jobs/{ids[0]}/cancel", headers=tenant.headers)
@@ -171,11 +185,21 @@ async def test_listing_filters_pages_and_orders_newest_first(api: httpx.AsyncCli
     assert seen == list(reversed(ids))
     canceled = (await api.get("/api/v2/jobs", params={"status": "canceled"}, headers=tenant.headers)).json()
     assert [j["id"] for j in canceled["jobs"]] == [ids[0]]
-    assert_error(await api.get("/api/v2/jobs", params={"status": "nope"}, headers=tenant.headers), 422, "invalid_request")
-    assert_error(await api.get("/api/v2/jobs", params={"cursor": "%%%"}, headers=tenant.headers), 422, "invalid_request")
+    assert_error(
+        await api.get("/api/v2/jobs", params={"status": "nope"}, headers=tenant.headers),
+        422,
+        "invalid_request",
+    )
+    assert_error(
+        await api.get("/api/v2/jobs", params={"cursor": "%%%"}, headers=tenant.headers),
+        422,
+        "invalid_request",
+    )
 
 
-async def test_cancel_of_a_queued_job_is_immediate_and_idempotent(api: httpx.AsyncClient, runtime: Runtime) -> None:
+async def test_cancel_of_a_queued_job_is_immediate_and_idempotent(
+    api: httpx.AsyncClient, runtime: Runtime
+) -> None:
     tenant = await make_tenant(runtime.engine, runtime.settings)
     job_id = (await submit(api, tenant.headers)).json()["id"]
     first = await api.post(f"/api/v2/jobs/{job_id}/cancel", headers=tenant.headers)

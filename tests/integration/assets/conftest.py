@@ -31,8 +31,9 @@ TINY_UPLOAD = 4096
 
 def png_bytes(width: int = 8, height: int = 6, seed: int = 0) -> bytes:
     image = Image.new("RGB", (width, height))
-    pixels = [((x * 31 + seed) % 256, (y * 17) % 256, seed % 256)
-              for y in range(height) for x in range(width)]
+    pixels = [
+        ((x * 31 + seed) % 256, (y * 17) % 256, seed % 256) for y in range(height) for x in range(width)
+    ]
     image.putdata(pixels)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -108,9 +109,7 @@ async def make_env(
 
         async def make(*, storage: Storage | None = None, **overrides: Any) -> AssetEnv:
             plans = {**default_plans(), "tiny": PlanLimits(max_upload_bytes=TINY_UPLOAD)}
-            settings = backend_settings(
-                backend, db_url, tmp_path / "data", weed, plans=plans, **overrides
-            )
+            settings = backend_settings(backend, db_url, tmp_path / "data", weed, plans=plans, **overrides)
             runtime = await Runtime.create(settings, storage=storage)
             stack.push_async_callback(runtime.close)
             close_storage = getattr(runtime.storage, "close", None)

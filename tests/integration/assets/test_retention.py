@@ -21,8 +21,14 @@ async def test_retention_keeps_shared_blobs_and_removes_expired_ones(env: AssetE
     # A second asset over the same blob, kept twice as long (as a longer-lived job's input would be).
     async with env.runtime.engine.begin() as conn:
         second, created = await service.record_asset(
-            conn, tenant_id=env.alice.id, blob_hash=blob_hash, size=len(data), content_type="image/png",
-            file_path="second.png", tags=None, expires_at=first_expiry + timedelta(days=7),
+            conn,
+            tenant_id=env.alice.id,
+            blob_hash=blob_hash,
+            size=len(data),
+            content_type="image/png",
+            file_path="second.png",
+            tags=None,
+            expires_at=first_expiry + timedelta(days=7),
         )
     assert created
     # Bob's copy of the same bytes is his own blob and must not count for alice's, nor go with it.
@@ -61,7 +67,6 @@ async def test_retention_keeps_shared_blobs_and_removes_expired_ones(env: AssetE
     assert env.keys(env.alice) == []
     head = await env.client.head(f"/api/v2/assets/by-hash/{blob_hash}", headers=env.alice.headers)
     assert head.status_code == 404
-
 
 
 async def test_reupload_after_expiry_stores_the_bytes_again(env: AssetEnv) -> None:

@@ -66,6 +66,7 @@ async def test_local_signed_url_is_refused_once_expired_or_altered(
     payload, mac = token.split(".")
     key, expires_at, filename, content_type = json.loads(unb64(payload))
     other_key = f"tenants/{env.bob.id}/blobs/{asset['hash'].removeprefix('blake3:')}"
+
     def payload_of(*fields: object) -> str:
         return b64(json.dumps(list(fields)).encode())
 

@@ -66,7 +66,9 @@ async def test_declared_png_that_is_not_a_png_is_refused(env: AssetEnv, where: s
         response = await env.upload(env.alice, jpeg, part_type="image/png")
     else:
         response = await env.upload(
-            env.alice, b"just text", part_type="application/octet-stream",
+            env.alice,
+            b"just text",
+            part_type="application/octet-stream",
             fields={"content_type": "image/png"},
         )
     assert response.status_code == 422

@@ -58,9 +58,7 @@ class FailingStorage:
     async def get_to_file(self, key: str, path: str) -> None:
         await self.inner.get_to_file(key, path)
 
-    async def download_url(
-        self, key: str, *, filename: str, content_type: str, lifetime_s: int
-    ) -> SignedUrl:
+    async def download_url(self, key: str, *, filename: str, content_type: str, lifetime_s: int) -> SignedUrl:
         return await self.inner.download_url(
             key, filename=filename, content_type=content_type, lifetime_s=lifetime_s
         )
@@ -74,8 +72,14 @@ def failing(env: AssetEnv, **kwargs: int | bool) -> FailingStorage:
 
 async def commit(env: AssetEnv, path: Path, job_id: str) -> AssetRow:
     asset = await service.commit_output(
-        env.runtime, tenant_id=env.alice.id, job_id=job_id, job_expires_at=utcnow() + timedelta(days=1),
-        path=path, node_id="9", output_type="image", name="../out/ComfyUI_00001_.png",
+        env.runtime,
+        tenant_id=env.alice.id,
+        job_id=job_id,
+        job_expires_at=utcnow() + timedelta(days=1),
+        path=path,
+        node_id="9",
+        output_type="image",
+        name="../out/ComfyUI_00001_.png",
     )
     assert asset is not None  # no guard given, so always recorded
     return asset
@@ -96,8 +100,9 @@ async def test_commit_retries_storage_errors_then_succeeds(make_env: AssetEnvFac
     assert asset.file_path == "ComfyUI_00001_.png"  # no folder of the produced name survives
     assert (asset.content_type, asset.size_bytes) == ("image/png", len(data))
     assert env.keys(env.alice) == [f"tenants/{env.alice.id}/blobs/{asset.hash.removeprefix('blake3:')}"]
-    content = await env.client.get(f"/api/v2/assets/{asset.id}/content", headers=env.alice.headers,
-                                   follow_redirects=False)
+    content = await env.client.get(
+        f"/api/v2/assets/{asset.id}/content", headers=env.alice.headers, follow_redirects=False
+    )
     assert content.status_code == (302 if env.backend == "s3" else 200)
 
 

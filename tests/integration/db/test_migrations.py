@@ -14,6 +14,7 @@ from comfyfleet.db.tables import metadata
 async def test_migrations_match_the_declared_schema(db_url: str) -> None:
     engine = create_engine(db_url)
     try:
+
         def diff(connection: Any) -> list[Any]:
             context = MigrationContext.configure(connection, opts={"compare_type": True})
             return list(compare_metadata(context, metadata))

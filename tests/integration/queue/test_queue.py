@@ -6,7 +6,6 @@ import asyncio
 from datetime import timedelta
 
 import httpx
-import pytest
 
 from comfyfleet.jobs import repository as repo
 from comfyfleet.jobs.states import JobStatus
@@ -24,7 +23,9 @@ from tests.support.workflows import empty_image_save
 async def submit_n(api: httpx.AsyncClient, tenant: TenantWithKey, n: int) -> list[str]:
     ids = []
     for i in range(n):
-        r = await api.post("/api/v2/jobs", json={"workflow": empty_image_save(color=i)}, headers=tenant.headers)
+        r = await api.post(
+            "/api/v2/jobs", json={"workflow": empty_image_save(color=i)}, headers=tenant.headers
+        )
         assert r.status_code == 201, r.text
         ids.append(r.json()["id"])
     return ids
@@ -35,7 +36,9 @@ async def status_of(runtime: Runtime, job_id: str) -> str | None:
         return await repo.read_status(conn, job_id)
 
 
-async def test_fair_share_between_a_heavy_and_a_light_tenant(api: httpx.AsyncClient, runtime: Runtime) -> None:
+async def test_fair_share_between_a_heavy_and_a_light_tenant(
+    api: httpx.AsyncClient, runtime: Runtime
+) -> None:
     heavy = await make_tenant(runtime.engine, runtime.settings, plan="enterprise")
     light = await make_tenant(runtime.engine, runtime.settings, plan="enterprise")
     await submit_n(api, heavy, 10)
@@ -86,7 +89,9 @@ async def test_many_concurrent_claimers_never_share_a_job(
     assert len(claims) == 48 and len(set(claims)) == 48
 
 
-async def test_an_expired_lease_requeues_then_fails_past_the_budget(api: httpx.AsyncClient, runtime: Runtime) -> None:
+async def test_an_expired_lease_requeues_then_fails_past_the_budget(
+    api: httpx.AsyncClient, runtime: Runtime
+) -> None:
     tenant = await make_tenant(runtime.engine, runtime.settings)
     (job_id,) = await submit_n(api, tenant, 1)
     budget = runtime.settings.plan("pro").max_attempts
@@ -104,7 +109,9 @@ async def test_an_expired_lease_requeues_then_fails_past_the_budget(api: httpx.A
     assert await finish(runtime, job, f"w{budget}", Succeeded()) is None
 
 
-async def test_the_queue_deadline_expires_a_job_without_any_get(api: httpx.AsyncClient, runtime: Runtime) -> None:
+async def test_the_queue_deadline_expires_a_job_without_any_get(
+    api: httpx.AsyncClient, runtime: Runtime
+) -> None:
     tenant = await make_tenant(runtime.engine, runtime.settings)
     (job_id,) = await submit_n(api, tenant, 1)
     deadline = runtime.settings.plan("pro").queue_deadline_s
@@ -158,7 +165,9 @@ async def test_cancel_after_success_is_a_noop(api: httpx.AsyncClient, runtime: R
     assert await status_of(runtime, job_id) == JobStatus.SUCCEEDED
 
 
-async def test_failures_and_retries_end_in_one_terminal_state(api: httpx.AsyncClient, runtime: Runtime) -> None:
+async def test_failures_and_retries_end_in_one_terminal_state(
+    api: httpx.AsyncClient, runtime: Runtime
+) -> None:
     tenant = await make_tenant(runtime.engine, runtime.settings)
     failing, retried = await submit_n(api, tenant, 2)
     executor = ScriptedExecutor()

@@ -51,14 +51,16 @@ async def media_server() -> AsyncIterator[str]:
 @pytest.mark.parametrize("loopback_allowed", [True, False])
 async def test_from_url(media_server: str, sqlite_url: str, tmp_path: Path, loopback_allowed: bool) -> None:
     port = int(media_server.rsplit(":", 1)[1])
-    settings = make_settings(sqlite_url, tmp_path, allow_loopback_urls=loopback_allowed,
-                             url_allowed_ports=[80, 443, port])
+    settings = make_settings(
+        sqlite_url, tmp_path, allow_loopback_urls=loopback_allowed, url_allowed_ports=[80, 443, port]
+    )
     runtime = await Runtime.create(settings)
     try:
         async with api_client(runtime) as api:
             tenant = await make_tenant(runtime.engine, settings)
-            created = await api.post("/api/v2/assets/from-url", json={"url": f"{media_server}/cat.png"},
-                                     headers=tenant.headers)
+            created = await api.post(
+                "/api/v2/assets/from-url", json={"url": f"{media_server}/cat.png"}, headers=tenant.headers
+            )
             if not loopback_allowed:
                 assert created.status_code == 422
                 assert created.json()["error"]["code"] == "url_not_allowed"
@@ -67,20 +69,27 @@ async def test_from_url(media_server: str, sqlite_url: str, tmp_path: Path, loop
             body = created.json()
             assert body["content_type"] == "image/png" and body["file_path"] == "cat.png"
             assert body["size_bytes"] == len(png_bytes())
-            again = await api.post("/api/v2/assets/from-url", json={"url": f"{media_server}/cat.png"},
-                                   headers=tenant.headers)
+            again = await api.post(
+                "/api/v2/assets/from-url", json={"url": f"{media_server}/cat.png"}, headers=tenant.headers
+            )
             assert again.status_code == 200 and again.json()["id"] == body["id"]
             content = await api.get(f"/api/v2/assets/{body['id']}/content", headers=tenant.headers)
             assert content.content == png_bytes()
-            for path, code in (("/page", "url_fetch_failed"), ("/missing", "url_fetch_failed"),
-                               ("/redirect", "url_not_allowed")):
-                refused = await api.post("/api/v2/assets/from-url", json={"url": media_server + path},
-                                         headers=tenant.headers)
+            for path, code in (
+                ("/page", "url_fetch_failed"),
+                ("/missing", "url_fetch_failed"),
+                ("/redirect", "url_not_allowed"),
+            ):
+                refused = await api.post(
+                    "/api/v2/assets/from-url", json={"url": media_server + path}, headers=tenant.headers
+                )
                 assert refused.status_code == 422, refused.text
                 assert refused.json()["error"]["code"] == code
-            metadata = await api.post("/api/v2/assets/from-url",
-                                      json={"url": "http://metadata.google.internal/computeMetadata/v1/"},
-                                      headers=tenant.headers)
+            metadata = await api.post(
+                "/api/v2/assets/from-url",
+                json={"url": "http://metadata.google.internal/computeMetadata/v1/"},
+                headers=tenant.headers,
+            )
             assert metadata.json()["error"]["code"] == "url_not_allowed"
     finally:
         await runtime.close()

@@ -58,7 +58,9 @@ async def test_per_key_limits_in_memory(sqlite_url: str, tmp_path: Path) -> None
 async def test_per_key_limits_on_redis(sqlite_url: str, tmp_path: Path) -> None:
     require("Redis at 127.0.0.1:6379", reachable("127.0.0.1", 6379))
     # A fresh key space per run: limits' Redis keys are namespaced by the key ids, which are random.
-    runtime = await Runtime.create(make_settings(sqlite_url, tmp_path, plans=TIGHT, rate_limit_storage=REDIS_URL))
+    runtime = await Runtime.create(
+        make_settings(sqlite_url, tmp_path, plans=TIGHT, rate_limit_storage=REDIS_URL)
+    )
     try:
         await exercise(runtime)
     finally:
@@ -71,7 +73,9 @@ async def test_failed_authentications_are_limited_per_address(sqlite_url: str, t
         async with api_client(runtime) as api:
             tenant = await make_tenant(runtime.engine, runtime.settings)
             for _ in range(4):
-                bad = await api.get("/api/v2/jobs", headers={"Authorization": f"Bearer cf_test_{uuid.uuid4().hex}x"})
+                bad = await api.get(
+                    "/api/v2/jobs", headers={"Authorization": f"Bearer cf_test_{uuid.uuid4().hex}x"}
+                )
                 assert bad.status_code == 401
             refused = await api.get("/api/v2/jobs", headers={"Authorization": "Bearer nope"})
             assert refused.status_code == 429 and "Retry-After" in refused.headers

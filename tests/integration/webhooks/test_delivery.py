@@ -307,7 +307,8 @@ async def test_a_per_job_webhook_url_is_signed_with_the_tenants_job_url_secret(
     tenant = await admin_tenant(runtime)
     # Submit-time check: no job URL secret yet, so no webhook_url either.
     refused = await api.post(
-        "/api/v2/jobs", json={"workflow": empty_image_save(), "webhook_url": receiver.url("job")},
+        "/api/v2/jobs",
+        json={"workflow": empty_image_save(), "webhook_url": receiver.url("job")},
         headers=tenant.headers,
     )
     assert refused.status_code == 422 and refused.json()["error"]["code"] == "webhook_secret_missing"

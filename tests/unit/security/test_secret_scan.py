@@ -21,7 +21,9 @@ def test_a_planted_api_key_fails_the_scan(env: str) -> None:
     try:
         result = subprocess.run(
             [sys.executable, "-m", "scripts.secret_scan", str(planted.relative_to(ROOT))],
-            cwd=ROOT, capture_output=True, text=True,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
         )
     finally:
         planted.unlink()
@@ -30,5 +32,7 @@ def test_a_planted_api_key_fails_the_scan(env: str) -> None:
 
 
 def test_the_committed_tree_passes_the_scan() -> None:
-    result = subprocess.run([sys.executable, "-m", "scripts.secret_scan"], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.secret_scan"], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -54,7 +54,9 @@ def name_and_tags(body: dict[str, Any]) -> tuple[str | None, list[str] | None]:
 
 async def _answer(runtime: Runtime, stored: service.Stored, *, replayed: bool = False) -> Json:
     body = await asset_body(
-        stored.asset, storage=runtime.storage, lifetime_s=runtime.settings.url_lifetime_s,
+        stored.asset,
+        storage=runtime.storage,
+        lifetime_s=runtime.settings.url_lifetime_s,
         created_new=stored.new_blob,
     )
     headers = {"Idempotency-Replayed": "true"} if replayed else None
@@ -68,17 +70,21 @@ async def upload_asset(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> Json:
     runtime = get_runtime(request)
-    await request.app.state.limiter.check(request, kind="submit", rate=principal.plan.submit_rate,
-                                          identity=principal.key_id)
+    await request.app.state.limiter.check(
+        request, kind="submit", rate=principal.plan.submit_rate, identity=principal.key_id
+    )
     upload = await parse_upload(
-        request.stream(), request.headers.get("content-type", ""),
-        spool_dir=runtime.settings.data_dir / "spool", max_file_bytes=principal.plan.max_upload_bytes,
+        request.stream(),
+        request.headers.get("content-type", ""),
+        spool_dir=runtime.settings.data_dir / "spool",
+        max_file_bytes=principal.plan.max_upload_bytes,
     )
     try:
         expected = upload.field("expected_hash")
         if expected is not None and service.parse_hash(expected) != upload.blake3_hex:
             raise Conflict(
-                "The uploaded bytes do not match expected_hash", code="hash_mismatch",
+                "The uploaded bytes do not match expected_hash",
+                code="hash_mismatch",
                 details={"expected": expected, "actual": service.HASH_PREFIX + upload.blake3_hex},
             )
         file_path = service.clean_file_path(upload.field("file_path") or upload.filename)
@@ -86,15 +92,14 @@ async def upload_asset(
             upload.field("content_type") or upload.part_content_type, upload.head, file_path
         )
         tags = parse_tags(upload.fields.get("tags"))
-        digest = hashlib.sha256(
-            repr((upload.blake3_hex, file_path, content_type, tags)).encode()
-        ).hexdigest()
+        digest = hashlib.sha256(repr((upload.blake3_hex, file_path, content_type, tags)).encode()).hexdigest()
         key = idempotency.check_key(idempotency_key) if idempotency_key is not None else None
         now = utcnow()
         if key is not None:
             async with runtime.engine.begin() as conn:
-                remembered = await idempotency.lookup(conn, tenant_id=principal.tenant_id, scope=UPLOAD_SCOPE,
-                                                      key=key, digest=digest, now=now)
+                remembered = await idempotency.lookup(
+                    conn, tenant_id=principal.tenant_id, scope=UPLOAD_SCOPE, key=key, digest=digest, now=now
+                )
                 if remembered is not None and remembered.resource_id is not None:
                     asset = await service.get_asset(conn, principal.tenant_id, remembered.resource_id)
                     stored = service.Stored(asset, new_blob=remembered.status_code == 201, new_asset=False)
@@ -102,19 +107,35 @@ async def upload_asset(
         assert upload.path is not None
         # The spool file is ours and deleted below: the backend may adopt it rather than copy it.
         new_blob = await service.store_blob(
-            runtime, principal.tenant_id, upload.path, upload.blake3_hex, upload.size, content_type,
+            runtime,
+            principal.tenant_id,
+            upload.path,
+            upload.blake3_hex,
+            upload.size,
+            content_type,
             consume=True,
         )
         async with runtime.engine.begin() as conn:
             asset, created = await service.record_asset(
-                conn, tenant_id=principal.tenant_id, blob_hash=service.HASH_PREFIX + upload.blake3_hex,
-                size=upload.size, content_type=content_type, file_path=file_path, tags=tags,
+                conn,
+                tenant_id=principal.tenant_id,
+                blob_hash=service.HASH_PREFIX + upload.blake3_hex,
+                size=upload.size,
+                content_type=content_type,
+                file_path=file_path,
+                tags=tags,
                 expires_at=now + timedelta(seconds=principal.plan.retention_s),
             )
             if key is not None:
                 await idempotency.remember(
-                    conn, tenant_id=principal.tenant_id, scope=UPLOAD_SCOPE, key=key, digest=digest,
-                    resource_id=asset.id, status_code=201 if new_blob else 200, now=now,
+                    conn,
+                    tenant_id=principal.tenant_id,
+                    scope=UPLOAD_SCOPE,
+                    key=key,
+                    digest=digest,
+                    resource_id=asset.id,
+                    status_code=201 if new_blob else 200,
+                    now=now,
                     ttl_s=runtime.settings.idempotency_ttl_s,
                 )
         return await _answer(runtime, service.Stored(asset, new_blob=new_blob, new_asset=created))
@@ -132,8 +153,11 @@ async def asset_from_hash(request: Request, principal: AssetsWriter) -> Json:
     blob_hex = service.parse_hash(body["hash"])
     async with runtime.engine.begin() as conn:
         stored = await service.asset_from_hash(
-            conn, tenant_id=principal.tenant_id, blob_hex=blob_hex,
-            file_path=file_path, tags=tags,
+            conn,
+            tenant_id=principal.tenant_id,
+            blob_hex=blob_hex,
+            file_path=file_path,
+            tags=tags,
             retention_s=principal.plan.retention_s,
         )
     return await _answer(runtime, stored)
@@ -145,12 +169,14 @@ async def asset_from_url(request: Request, principal: AssetsWriter) -> Json:
     the bytes as an asset of the caller's tenant. Refused URLs are 422 ``url_not_allowed`` with the
     reason, failed fetches 422 ``url_fetch_failed``."""
     runtime = get_runtime(request)
-    await request.app.state.limiter.check(request, kind="submit", rate=principal.plan.submit_rate,
-                                          identity=principal.key_id)
+    await request.app.state.limiter.check(
+        request, kind="submit", rate=principal.plan.submit_rate, identity=principal.key_id
+    )
     body, _ = await read_json(request, runtime.settings.max_body_bytes)
     if not isinstance(body, dict) or not isinstance(body.get("url"), str) or len(body["url"]) > 4096:
-        raise ValidationFailed("Send {\"url\": \"https://...\", \"file_path\"?: ..., \"tags\"?: [...]}",
-                               code="invalid_request")
+        raise ValidationFailed(
+            'Send {"url": "https://...", "file_path"?: ..., "tags"?: [...]}', code="invalid_request"
+        )
     file_path, tags = name_and_tags(body)
     max_bytes = min(runtime.settings.media_max_bytes, principal.plan.max_upload_bytes)
     path, content_type, final_url = await service.fetch_url_to_spool(
@@ -161,10 +187,14 @@ async def asset_from_url(request: Request, principal: AssetsWriter) -> Json:
         new_blob = await service.store_blob(runtime, principal.tenant_id, path, blob_hex, size, content_type)
         async with runtime.engine.begin() as conn:
             asset, created = await service.record_asset(
-                conn, tenant_id=principal.tenant_id, blob_hash=service.HASH_PREFIX + blob_hex, size=size,
+                conn,
+                tenant_id=principal.tenant_id,
+                blob_hash=service.HASH_PREFIX + blob_hex,
+                size=size,
                 content_type=content_type,
                 file_path=file_path or service.name_from_url(final_url),
-                tags=tags, expires_at=utcnow() + timedelta(seconds=principal.plan.retention_s),
+                tags=tags,
+                expires_at=utcnow() + timedelta(seconds=principal.plan.retention_s),
             )
     finally:
         path.unlink(missing_ok=True)
@@ -205,7 +235,10 @@ async def get_asset(
 
 @router.get("/{asset_id}/content", response_model=None)
 async def asset_content(
-    asset_id: str, request: Request, principal: AssetsReader, conn: ReadConn,
+    asset_id: str,
+    request: Request,
+    principal: AssetsReader,
+    conn: ReadConn,
     range_header: Annotated[str | None, Header(alias="Range")] = None,
 ) -> Response:
     runtime = get_runtime(request)
@@ -213,12 +246,20 @@ async def asset_content(
     key = blob_key(asset.tenant_id, asset.hash.removeprefix(service.HASH_PREFIX))
     if runtime.settings.storage == "s3":
         signed = await runtime.storage.download_url(
-            key, filename=display_name(asset), content_type=asset.content_type,
+            key,
+            filename=display_name(asset),
+            content_type=asset.content_type,
             lifetime_s=runtime.settings.url_lifetime_s,
         )
         return RedirectResponse(signed.url, status_code=302)
-    return stream_blob(runtime, key, size=asset.size_bytes, content_type=asset.content_type,
-                       filename=display_name(asset), range_header=range_header)
+    return stream_blob(
+        runtime,
+        key,
+        size=asset.size_bytes,
+        content_type=asset.content_type,
+        filename=display_name(asset),
+        range_header=range_header,
+    )
 
 
 def stream_blob(
@@ -236,13 +277,17 @@ def stream_blob(
     except RangeNotSatisfiable:
         from comfyfleet.api.errors import envelope
 
-        return Json(envelope("range_not_satisfiable", "The requested range is outside the content"),
-                    status_code=416, headers={"Content-Range": f"bytes */{size}"})
+        return Json(
+            envelope("range_not_satisfiable", "The requested range is outside the content"),
+            status_code=416,
+            headers={"Content-Range": f"bytes */{size}"},
+        )
     if byte_range is None:
         headers["Content-Length"] = str(size)
         return StreamingResponse(runtime.storage.open_read(key), media_type=content_type, headers=headers)
     start, end = byte_range
     headers["Content-Range"] = f"bytes {start}-{end}/{size}"
     headers["Content-Length"] = str(end - start + 1)
-    return StreamingResponse(runtime.storage.open_read(key, start, end), status_code=206,
-                             media_type=content_type, headers=headers)
+    return StreamingResponse(
+        runtime.storage.open_read(key, start, end), status_code=206, media_type=content_type, headers=headers
+    )

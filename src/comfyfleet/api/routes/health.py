@@ -6,11 +6,11 @@ from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, Request
-from comfyfleet.api.responses import Json
 from sqlalchemy import text
 
 from comfyfleet import __version__
 from comfyfleet.api.deps import get_runtime
+from comfyfleet.api.responses import Json
 
 router = APIRouter(tags=["health"])
 
@@ -35,6 +35,10 @@ async def readyz(request: Request) -> Json:
     supervisor = runtime.extras.get("supervisor")
     if supervisor is not None:
         status = supervisor.status()
-        checks["comfyui"] = {"mode": status.mode, "mode_reason": status.mode_reason, "ready": status.ready,
-                             "slots": [asdict(slot) for slot in status.slots]}
+        checks["comfyui"] = {
+            "mode": status.mode,
+            "mode_reason": status.mode_reason,
+            "ready": status.ready,
+            "slots": [asdict(slot) for slot in status.slots],
+        }
     return Json({"ready": ready, "checks": checks}, status_code=200 if ready else 503)

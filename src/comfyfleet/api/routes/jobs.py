@@ -5,18 +5,18 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from comfyfleet.api.responses import Json
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from comfyfleet.api.auth import Authenticator, Principal
 from comfyfleet.api.deps import ReadConn, Uow, base_url, get_runtime, read_json
+from comfyfleet.api.responses import Json
 from comfyfleet.assets import repository as asset_repo
 from comfyfleet.assets.schemas import output_body
 from comfyfleet.errors import ValidationFailed
 from comfyfleet.jobs import idempotency, service
 from comfyfleet.jobs import repository as job_repo
-from comfyfleet.jobs.repository import JobRow
 from comfyfleet.jobs.events import record_transition
+from comfyfleet.jobs.repository import JobRow
 from comfyfleet.jobs.schemas import job_body
 from comfyfleet.jobs.states import JobStatus
 from comfyfleet.queue.bus import NEW_WORK, job_topic
@@ -36,7 +36,9 @@ async def render_job(conn: AsyncConnection, runtime: Runtime, job: JobRow, base:
     outputs: list[dict[str, Any]] = []
     position = None
     if job.status == JobStatus.QUEUED:
-        position = job.queue_position if job.queue_position is not None else await job_repo.queue_position(conn, job)
+        position = (
+            job.queue_position if job.queue_position is not None else await job_repo.queue_position(conn, job)
+        )
     else:
         lifetime = runtime.settings.url_lifetime_s
         for asset in await asset_repo.outputs_for_job(conn, job.tenant_id, job.id):
@@ -75,8 +77,15 @@ async def submit_job(
     await service.check_assets(conn, principal.tenant_id, submit.workflow)
     job = await service.create_job(conn, principal.tenant, principal.plan, submit)
     if key is not None and not await idempotency.remember(
-        conn, tenant_id=principal.tenant_id, scope=SUBMIT_SCOPE, key=key, digest=digest,
-        resource_id=job.id, status_code=201, now=now, ttl_s=runtime.settings.idempotency_ttl_s,
+        conn,
+        tenant_id=principal.tenant_id,
+        scope=SUBMIT_SCOPE,
+        key=key,
+        digest=digest,
+        resource_id=job.id,
+        status_code=201,
+        now=now,
+        ttl_s=runtime.settings.idempotency_ttl_s,
     ):
         # A concurrent request with this key won: drop our job and answer like that request.
         await conn.rollback()

@@ -29,5 +29,11 @@ async def local_download(
     if not await storage.exists(grant.key):
         raise NotFound("Not found")
     size = await storage.size(grant.key)
-    return stream_blob(runtime, grant.key, size=size, content_type=grant.content_type,
-                       filename=grant.filename, range_header=range_header)
+    return stream_blob(
+        runtime,
+        grant.key,
+        size=size,
+        content_type=grant.content_type,
+        filename=grant.filename,
+        range_header=range_header,
+    )

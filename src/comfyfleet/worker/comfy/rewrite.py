@@ -9,8 +9,6 @@ the job's output folder. Pure functions, no I/O.
 from __future__ import annotations
 
 import copy
-import re
-import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +25,7 @@ from comfyfleet.worker.comfy.graph import (
 from comfyfleet.worker.comfy.policy import NodePolicy, policy_errors
 
 # -- file names -----------------------------------------------------------------------------------
+
 
 def forced_prefix(output_prefix: str, original: object) -> str:
     """``<output_prefix>/<leaf>``: only the last part of the caller's prefix survives, so neither
