@@ -70,7 +70,8 @@ async def finish(
         if row is not None:
             await record_transition(conn, row)
     if row is not None:
-        announce(runtime.bus, job_topic(job.id), {"kind": "status", "status": row.status})
+        # Awaited, unlike the others: the client is waiting for exactly this notification.
+        await runtime.bus.publish(job_topic(job.id), {"kind": "status", "status": row.status})
         if row.status == JobStatus.QUEUED:
             announce(runtime.bus, NEW_WORK, {"job_id": job.id})
     return row

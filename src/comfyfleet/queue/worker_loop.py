@@ -143,27 +143,33 @@ class _ProgressWriter:
         self.last_written: dict[str, Any] | None = None
         self.flusher: asyncio.Task[None] | None = None
         self.flusher_sleeping = False
+        self.closing = False
         self.lock = asyncio.Lock()  # writes go out one at a time, in order
 
     async def __call__(self, progress: dict[str, Any]) -> None:
         if progress == self.last_written and self.pending is None:
             return  # ComfyUI repeats itself (a prompt's last events all read "complete")
+        if self.flusher is not None and not self.flusher.done():
+            self.pending = progress  # the flusher writes the newest snapshot when its time comes
+            return
         now = time.monotonic()
         if now - self.last_write >= self.interval:
-            self.pending = None
             await self._write(progress)
             return
         self.pending = progress
-        if self.flusher is None or self.flusher.done():
-            self.flusher = asyncio.create_task(self._flush_after(self.last_write + self.interval - now))
+        self.flusher = asyncio.create_task(self._flush_after(self.last_write + self.interval - now))
 
     async def _flush_after(self, delay: float) -> None:
-        self.flusher_sleeping = True
-        try:
-            await asyncio.sleep(delay)
-        finally:
-            self.flusher_sleeping = False
-        await self._write(None)
+        while True:
+            self.flusher_sleeping = True
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                self.flusher_sleeping = False
+            await self._write(None)
+            if self.pending is None or self.closing:
+                return
+            delay = self.interval  # newer snapshots came while it wrote
 
     async def _write(self, progress: dict[str, Any] | None) -> None:
         async with self.lock:
@@ -182,6 +188,7 @@ class _ProgressWriter:
         """Stop, and answer with the snapshot not written yet, for the finishing transition. A
         flusher still sleeping is cancelled; one already writing is awaited rather than cancelled
         inside its transaction."""
+        self.closing = True
         task = self.flusher
         if task is not None and not task.done():
             if self.flusher_sleeping:

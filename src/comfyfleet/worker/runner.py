@@ -67,6 +67,7 @@ class ComfyRunner:
         self.runtime = runtime
         self.slot = slot
         self._policy: tuple[dict[str, Any], NodePolicy] | None = None
+        self._cleanups: set[asyncio.Task[None]] = set()
 
     def available(self) -> bool:
         """Whether this runner should take a job now: not while its ComfyUI is down, so a job
@@ -100,24 +101,39 @@ class ComfyRunner:
     async def execute(self, ctx: JobContext) -> Outcome:
         job = ctx.job
         scratch = Path(tempfile.mkdtemp(prefix=f"cf-{job.id[:8]}-", dir=self._scratch_root()))
+        outcome: Outcome | None = None
         try:
-            try:
-                staged = await self._stage_inputs(ctx, scratch)
-                prompt = prepare_for_run(
-                    job.workflow, staged_inputs=staged, output_prefix=f"{JOBS_FOLDER}/{job.id}",
-                    policy=await self.policy(),
-                )
-            except ValidationFailed as exc:
-                details = exc.details if isinstance(exc.details, dict) else None
-                return Failed(exc.code, exc.message, details=details)
-            except (Retryable, ComfyUnavailable) as exc:
-                return Retry(str(exc))
-            if ctx.cancel_requested.is_set():
-                return Canceled()
-            return await _Run(self, ctx, prompt, scratch).run()
+            outcome = await self._execute(ctx, scratch)
+            return outcome
         finally:
             self.runtime.extras.get("latest_previews", {}).pop(job.id, None)
-            await asyncio.to_thread(self._clean, job.id, scratch)
+            cleanup = asyncio.to_thread(self._clean, job.id, scratch)
+            if isinstance(outcome, Succeeded | Failed | Canceled):
+                # A job that has ended is not staged again, so its folders can go while the worker
+                # records the outcome, off the path to the client. A retry may be staged into the
+                # same folders right after the requeue, so for it they are removed before.
+                task = asyncio.create_task(cleanup)
+                self._cleanups.add(task)
+                task.add_done_callback(self._cleanups.discard)
+            else:
+                await cleanup
+
+    async def _execute(self, ctx: JobContext, scratch: Path) -> Outcome:
+        job = ctx.job
+        try:
+            staged = await self._stage_inputs(ctx, scratch)
+            prompt = prepare_for_run(
+                job.workflow, staged_inputs=staged, output_prefix=f"{JOBS_FOLDER}/{job.id}",
+                policy=await self.policy(),
+            )
+        except ValidationFailed as exc:
+            details = exc.details if isinstance(exc.details, dict) else None
+            return Failed(exc.code, exc.message, details=details)
+        except (Retryable, ComfyUnavailable) as exc:
+            return Retry(str(exc))
+        if ctx.cancel_requested.is_set():
+            return Canceled()
+        return await _Run(self, ctx, prompt, scratch).run()
 
     def _scratch_root(self) -> str:
         root = self.runtime.settings.data_dir / "worker"

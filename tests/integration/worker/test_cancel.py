@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+import statistics
 from datetime import datetime
 
 from comfyfleet.assets import repository as asset_repo
-from comfyfleet.jobs import repository as job_repo
 from tests.fakes.fixtures import ComfyTarget
 from tests.integration.worker.conftest import Service, StartService
-from tests.integration.worker.helpers import comfy_saw_prompt, prompt_id, slow_sampler
+from tests.integration.worker.helpers import JobBody, comfy_saw_prompt, prompt_id, slow_sampler
 from tests.support.workflows import empty_image_save
 
 ACCEPTED = ("canceling", "canceled")
@@ -67,38 +67,37 @@ async def test_cancel_racing_the_last_node_never_ends_succeeded(
     service = await start_service(worker_slots=2)
     jobs = service.jobs
     rng = random.Random(20260107)  # fixed seed: the same spread of timings on every run
-    # A short job whose last node is the one the cancel races: measured once, then cancels land
-    # anywhere from before the claim to after the end.
-    probe = await jobs.submit(slow_sampler(steps=2, seconds_per_step=0.01, color=1))
-    probe = await jobs.wait_terminal(probe["id"])
-    assert probe["status"] == "succeeded"
-    span = datetime.fromisoformat(probe["completed_at"]) - datetime.fromisoformat(probe["created_at"])
-    span_s = span.total_seconds() * 1.2
+    # A short job whose last node is the one the cancel races. Its duration is measured on a few
+    # warm runs (the median, so one slow run does not stretch it), then cancels land anywhere from
+    # before the claim to after the end.
+    spans = []
+    for color in (1, 2, 3, 4, 5):
+        probe = await jobs.submit(slow_sampler(steps=2, seconds_per_step=0.01, color=color))
+        probe = await jobs.wait_terminal(probe["id"])
+        assert probe["status"] == "succeeded"
+        done = datetime.fromisoformat(probe["completed_at"]) - datetime.fromisoformat(probe["created_at"])
+        spans.append(done.total_seconds())
+    span_s = statistics.median(spans) * 1.2
 
-    async def one(index: int) -> tuple[str, str, dict[str, object]]:
+    async def one(index: int) -> tuple[JobBody, JobBody]:
         job = await jobs.submit(slow_sampler(steps=2, seconds_per_step=0.01, color=100 + index))
-        await asyncio.sleep(rng.uniform(0.2 * span_s, span_s))
+        await asyncio.sleep(rng.uniform(0, span_s))
         answer = await jobs.cancel(job["id"])
-        final = await jobs.wait_terminal(job["id"])
-        return answer["status"], final["status"], final
+        return answer, await jobs.wait_terminal(job["id"])
 
-    results = []
-    for index in range(40):
-        results.append(await one(index))
-    for answered, final_status, final in results:
-        if answered in ACCEPTED:
-            assert final_status == "canceled", final
+    results = [await one(index) for index in range(40)]
+    for answer, final in results:
+        if answer["status"] in ACCEPTED:
+            assert final["status"] == "canceled", final
+            # The cancel's answer lists the outputs committed before it was accepted (it reads them in
+            # the cancel's own transaction); none may be committed after.
+            assert output_ids(final) == output_ids(answer), (answer, final)
         else:
-            assert answered == final_status == "succeeded", final
-    # No output was committed after a cancel was accepted.
-    async with service.runtime.engine.connect() as conn:
-        for answered, _final_status, final in results:
-            if answered not in ACCEPTED:
-                continue
-            row = await job_repo.get_job(conn, service.tenant.id, str(final["id"]))
-            assert row is not None and row.cancel_requested_at is not None
-            for asset in await asset_repo.outputs_for_job(conn, service.tenant.id, str(final["id"])):
-                assert asset.created_at <= row.cancel_requested_at, (final, asset)
-    outcomes = {(a, f) for a, f, _ in results}
+            assert answer["status"] == final["status"] == "succeeded", (answer, final)
+    outcomes = {(answer["status"], final["status"]) for answer, final in results}
     # The timings did spread: some cancels won and some came too late (else the test proved little).
-    assert ("canceled", "canceled") in outcomes or ("canceling", "canceled") in outcomes, outcomes
+    assert ("canceling", "canceled") in outcomes or ("canceled", "canceled") in outcomes, outcomes
+
+
+def output_ids(job: JobBody) -> set[str]:
+    return {output["id"] for output in job["outputs"]}

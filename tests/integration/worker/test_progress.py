@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -80,14 +81,15 @@ async def test_progress_writes_are_throttled(
     final = await service.jobs.wait_terminal(job["id"])
     assert final["status"] == "succeeded" and final["progress"]["value"] == 1.0
 
-    # ComfyUI sent about three events per step; the database got a handful of writes, at least
-    # one interval apart except for the final snapshot, which is written at once.
-    assert 2 <= len(progress_writes) < 40, len(progress_writes)
-    for (earlier, _), (later, snapshot) in itertools.pairwise(progress_writes):
-        if snapshot["value"] != 1.0:
-            assert later - earlier >= INTERVAL - 0.005, [
-                round(t - progress_writes[0][0], 3) for t, _ in progress_writes
-            ]
+    # ComfyUI sent about three events per step; the database got a handful of writes. The gaps are
+    # checked against half the interval: the recorded moment lags the throttle's decision by the
+    # database's latency, which varies, while an unthrottled writer would write every few ms.
+    started = datetime.fromisoformat(final["started_at"])
+    duration = (datetime.fromisoformat(final["completed_at"]) - started).total_seconds()
+    assert 2 <= len(progress_writes) <= duration / INTERVAL + 2, (len(progress_writes), duration)
+    offsets = [round(t - progress_writes[0][0], 3) for t, _ in progress_writes]
+    for (earlier, _), (later, _) in itertools.pairwise(progress_writes):
+        assert later - earlier >= INTERVAL / 2, offsets
 
 
 async def test_the_newest_snapshot_of_a_burst_is_written_after_the_interval(
