@@ -29,6 +29,7 @@ from typing import Any, Protocol, cast
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from comfyfleet.aio import first_completed
 from comfyfleet.jobs import repository as repo
 from comfyfleet.queue.bus import NEW_WORK
 from comfyfleet.runtime import Runtime
@@ -223,7 +224,7 @@ async def run_modal_dispatcher(runtime: Runtime, stop: asyncio.Event) -> None:
             if failed:
                 await _wait(stop.wait(), pause)
             else:
-                await _wait(_either(stop.wait(), wakeups.get(pause)), pause)
+                await _wait(first_completed(stop.wait(), wakeups.get(pause)), pause)
 
 
 async def run_housekeeping(runtime: Runtime, duration_s: float) -> None:
@@ -243,16 +244,6 @@ async def run_housekeeping(runtime: Runtime, duration_s: float) -> None:
         await _wait(stop.wait(), duration_s)
     finally:
         stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _either(*awaitables: Any) -> None:
-    tasks = [asyncio.ensure_future(a) for a in awaitables]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
 

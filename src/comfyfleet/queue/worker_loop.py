@@ -10,6 +10,7 @@ import logging
 import time
 from typing import Any
 
+from comfyfleet.aio import first_completed
 from comfyfleet.jobs import repository as repo
 from comfyfleet.jobs.repository import JobRow
 from comfyfleet.jobs.states import JobStatus
@@ -39,7 +40,7 @@ class WorkerLoop:
         async with self.runtime.bus.subscribe(NEW_WORK) as wakeups:
             while not stop.is_set():
                 if available is not None and not available():
-                    await _first(stop.wait(), asyncio.sleep(UNAVAILABLE_POLL_S))
+                    await first_completed(stop.wait(), asyncio.sleep(UNAVAILABLE_POLL_S))
                     continue
                 try:
                     job = await claim_next(self.runtime, self.name)
@@ -48,7 +49,7 @@ class WorkerLoop:
                     job = None
                     await asyncio.sleep(IDLE_POLL_S)
                 if job is None:
-                    await _first(stop.wait(), wakeups.get(IDLE_POLL_S))
+                    await first_completed(stop.wait(), wakeups.get(IDLE_POLL_S))
                     continue
                 await run_claimed(self.runtime, self.executor, job, self.name)
 
@@ -204,15 +205,3 @@ def _publisher(runtime: Runtime, job_id: str) -> Any:
         announce(runtime.bus, job_topic(job_id), {"kind": kind, **payload})
 
     return publish
-
-
-async def _first(*awaitables: Any) -> None:
-    tasks = [asyncio.ensure_future(a) for a in awaitables]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
