@@ -79,40 +79,23 @@ async def reap_once(runtime: Runtime, now: datetime | None = None) -> ReapReport
 
 
 async def _recover(conn: AsyncConnection, job: JobRow, now: datetime) -> JobRow | None:
+    """A job whose lease expired: canceling → canceled; running → queued while attempts remain,
+    else failed (``worker_lost``)."""
+    error = None
     if job.status == JobStatus.CANCELING:
-        return await repo.finish(
-            conn,
-            job.id,
-            worker=None,
-            now=now,
-            lease_expired=True,
-            target=JobStatus.CANCELED,
-            sources=[JobStatus.CANCELING],
-        )
-    if job.attempts < job.max_attempts:
-        row = await repo.finish(
-            conn,
-            job.id,
-            worker=None,
-            now=now,
-            lease_expired=True,
-            target=JobStatus.QUEUED,
-            sources=[JobStatus.RUNNING],
-        )
-        if row is not None:  # the next attempt produces the outputs again: one set, not two
-            await asset_repo.delete_assets_of_jobs(conn, [job.id])
-        return row
-    error = job_error("worker_lost", f"The worker running this job was lost {job.attempts} time(s)")
-    return await repo.finish(
-        conn,
-        job.id,
-        worker=None,
-        now=now,
-        lease_expired=True,
-        target=JobStatus.FAILED,
-        sources=[JobStatus.RUNNING],
-        error=error,
+        target, source = JobStatus.CANCELED, JobStatus.CANCELING
+    elif job.attempts < job.max_attempts:
+        target, source = JobStatus.QUEUED, JobStatus.RUNNING
+    else:
+        target, source = JobStatus.FAILED, JobStatus.RUNNING
+        error = job_error("worker_lost", f"The worker running this job was lost {job.attempts} time(s)")
+    row = await repo.finish(
+        conn, job.id, worker=None, now=now, lease_expired=True, target=target, sources=[source], error=error
     )
+    if row is not None and target == JobStatus.QUEUED:
+        # The next attempt produces the outputs again: one set, not two.
+        await asset_repo.delete_assets_of_jobs(conn, [job.id])
+    return row
 
 
 async def run_reaper(runtime: Runtime, stop: asyncio.Event) -> None:
