@@ -36,9 +36,7 @@ import asyncio
 import contextlib
 import json
 import math
-import re
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -49,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from tests.fakes.comfyui.process import standin_process as start_standin_process
 
 from bench.common import cli, postgres_database, served, service_env
 
@@ -115,45 +114,8 @@ def stats(values_ms: list[float]) -> str:
 
 @contextlib.asynccontextmanager
 async def standin_process(root: Path) -> AsyncIterator[str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tests.fakes.comfyui",
-        "--listen",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--input-directory",
-        str(root / "input"),
-        "--output-directory",
-        str(root / "output"),
-        "--temp-directory",
-        str(root),
-        cwd=REPO,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        assert process.stdout is not None
-        async with asyncio.timeout(30):
-            while True:
-                line = (await process.stdout.readline()).decode()
-                if not line:
-                    raise RuntimeError("the ComfyUI stand-in exited before serving")
-                if match := re.search(r"To see the GUI go to: (\S+)", line):
-                    break
-        drain = asyncio.create_task(_drain(process.stdout))
-        yield match.group(1)
-        drain.cancel()
-    finally:
-        if process.returncode is None:
-            process.terminate()
-            await process.wait()
-
-
-async def _drain(stream: asyncio.StreamReader) -> None:
-    while await stream.readline():
-        pass
+    async with start_standin_process(root) as started:
+        yield started.url
 
 
 class DirectComfy:

@@ -11,11 +11,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
-import re
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +22,8 @@ import pytest_asyncio
 pytest.register_assert_rewrite("tests.fakes.comfyui.transcripts")
 
 from tests.fakes.comfyui import Standin, run_standin  # noqa: E402
+from tests.fakes.comfyui.process import StandinProcess  # noqa: E402
+from tests.fakes.comfyui.process import standin_process as start_standin_process  # noqa: E402
 
 COMFYUI_URL_ENV = "COMFYFLEET_TEST_COMFYUI_URL"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -75,51 +73,8 @@ async def standin(tmp_path: Path) -> AsyncIterator[Standin]:
         yield server
 
 
-@dataclass(frozen=True)
-class StandinProcess:
-    url: str
-    root: Path
-    process: asyncio.subprocess.Process
-
-
 @pytest_asyncio.fixture
 async def standin_process(tmp_path: Path) -> AsyncIterator[StandinProcess]:
-    root = tmp_path / "comfyui-process"
-    args = [
-        "-m",
-        "tests.fakes.comfyui",
-        "--listen",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--input-directory",
-        str(root / "input"),
-        "--output-directory",
-        str(root / "output"),
-        "--temp-directory",
-        str(root),
-        "--cpu",  # a ComfyUI flag the stand-in ignores
-    ]
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, *args, cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    try:
-        assert process.stdout is not None
-        async with asyncio.timeout(20):
-            while True:
-                line = (await process.stdout.readline()).decode()
-                if not line:
-                    raise RuntimeError("stand-in process exited before serving")
-                match = re.search(r"To see the GUI go to: (\S+)", line)
-                if match:
-                    break
-        yield StandinProcess(url=match.group(1), root=root, process=process)
-    finally:
-        if process.returncode is None:
-            process.terminate()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(10):
-                    await process.wait()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+    # "--cpu" is a ComfyUI flag the stand-in ignores.
+    async with start_standin_process(tmp_path / "comfyui-process", "--cpu", timeout=20) as started:
+        yield started
