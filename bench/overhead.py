@@ -51,7 +51,6 @@ from tests.fakes.comfyui.process import standin_process as start_standin_process
 
 from bench.common import cli, postgres_database, served, service_env
 
-REPO = Path(__file__).resolve().parents[1]
 PLANS = {
     "bench": {
         "priority": 0,
